@@ -1,0 +1,83 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises with one message shape: the argument's name, what is allowed, and what was
+received (``p must be a probability in [0, 1], got 1.5``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+MODES = ("row", "batch")
+STRATEGIES = ("auto", "subset", "mask")
+
+
+def _choices(values: Sequence[str]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def check_probability(p: Any, name: str = "p") -> float:
+    """Return ``p`` as a float after checking that it lies in [0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a probability in [0, 1], got {p!r} of type {type(p).__name__}")
+    value = float(p)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {_choices(allowed)}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return int(value)
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    value = check_int(value, name)
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def check_input(x: Any, batch_dim: int, name: str = "x") -> int:
+    """Check a tensor argument and return ``batch_dim`` made non-negative."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-D tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+    return check_batch_dim(batch_dim, x.dim())
+
+
+def check_batch_dim(batch_dim: Any, ndim: int) -> int:
+    batch_dim = check_int(batch_dim, "batch_dim")
+    if not -ndim <= batch_dim < ndim:
+        raise ValueError(
+            f"batch_dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-D input, got {batch_dim}"
+        )
+    return batch_dim % ndim
+
+
+def check_drop_args(p: Any, mode: Any, scale_by_keep: Any) -> float:
+    """The checks common to ``drop_path`` and ``drop_add_residual``; returns ``p`` as a float."""
+    check_choice(mode, "mode", MODES)
+    check_bool(scale_by_keep, "scale_by_keep")
+    return check_probability(p)

@@ -1,0 +1,176 @@
+"""The classic drop-path op: ``drop_path`` and its module ``DropPath``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from droppath._checks import (
+    MODES,
+    check_bool,
+    check_choice,
+    check_drop_args,
+    check_input,
+    check_int,
+    check_probability,
+)
+
+__all__ = ["DropPath", "drop_path"]
+
+
+def keep_mask(
+    x: Tensor,
+    p: float,
+    *,
+    mode: str,
+    batch_dim: int,
+    scale_by_keep: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw the broadcastable multiplier of ``drop_path``: 0 for dropped rows, the scale for kept ones.
+
+    ``batch_dim`` must already be non-negative. The draw is made in float32 whatever ``x``'s dtype,
+    so that the keep probability is exact in float16 and bfloat16 as well; only the stored scale
+    ``1 / (1 - p)`` is rounded to ``x``'s dtype.
+    """
+    shape = [1] * x.dim()
+    if mode == "row":
+        shape[batch_dim] = x.shape[batch_dim]
+    keep = 1.0 - p
+    mask = torch.empty(shape, dtype=torch.float32, device=x.device)
+    mask.bernoulli_(keep, generator=generator)
+    if scale_by_keep and keep > 0.0:
+        mask.div_(keep)
+    return mask.to(x.dtype)
+
+
+def drop_path(
+    x: Tensor,
+    p: float = 0.0,
+    training: bool = True,
+    *,
+    mode: str = "row",
+    batch_dim: int = 0,
+    scale_by_keep: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Randomly zero whole samples (or the whole tensor) of a residual branch's output.
+
+    Stochastic depth from Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016), in the
+    per-sample form used by most modern models: each sample of ``x`` is kept with probability
+    ``1 - p`` and zeroed otherwise; kept samples are multiplied by ``1 / (1 - p)`` so that the
+    expectation is unchanged. Apply it to the branch of a residual block, ``x + drop_path(f(x))``.
+    The branch is still computed for every sample; :func:`droppath.drop_add_residual` skips it.
+
+    Args:
+        x: the input, of any floating dtype and rank >= 1.
+        p: the probability of *dropping*, in [0, 1]. Default: 0.0.
+        training: apply the drop only when True; otherwise return ``x`` itself. Default: True.
+        mode: ``"row"`` draws one keep/drop decision per sample along ``batch_dim``; ``"batch"``
+            draws one decision for the whole tensor. Default: ``"row"``.
+        batch_dim: the dimension that indexes samples; negative values count from the end.
+            Default: 0.
+        scale_by_keep: multiply kept values by ``1 / (1 - p)``. Default: True.
+        generator: the random generator for the mask, on ``x``'s device. Default: the global one.
+
+    Returns:
+        A new tensor of ``x``'s shape, dtype and memory format; ``x`` itself when ``training`` is
+        False or ``p`` is 0. ``x`` is never modified in place. ``p = 1`` gives zeros.
+
+    Shape:
+        - Input: :math:`(*)`, any shape with at least one dimension.
+        - Output: :math:`(*)`, the same shape.
+
+    Examples:
+        >>> import torch
+        >>> from droppath import drop_path
+        >>> x = torch.ones(6, 3)
+        >>> y = drop_path(x, p=0.5, generator=torch.Generator().manual_seed(0))
+        >>> sorted(set(y[:, 0].tolist()))  # each row is either dropped or scaled by 1 / (1 - p)
+        [0.0, 2.0]
+        >>> bool((y == y[:, :1]).all())  # a row is dropped or kept whole
+        True
+        >>> drop_path(x, p=0.5, training=False) is x
+        True
+    """
+    dim = check_input(x, batch_dim)
+    p = check_drop_args(p, mode, scale_by_keep)
+    if not training or p == 0.0:
+        return x
+    mask = keep_mask(x, p, mode=mode, batch_dim=dim, scale_by_keep=scale_by_keep, generator=generator)
+    return x * mask
+
+
+# Record calls to drop_path as one node in torch.fx graphs: its argument checks look at the
+# input's rank and dtype, which a symbolic tracer cannot answer.
+torch.fx.wrap("drop_path")
+
+
+class _DropBase(nn.Module):
+    """Stores and checks the settings shared by ``DropPath`` and ``Residual``.
+
+    The settings are plain attributes, so a schedule can change them on a live module between
+    steps; ``forward`` hands them to the functional op, which checks them again at every call.
+    """
+
+    def __init__(self, p: float, mode: str, batch_dim: int, scale_by_keep: bool) -> None:
+        super().__init__()
+        self.p = check_probability(p)
+        self.mode = check_choice(mode, "mode", MODES)
+        self.batch_dim = check_int(batch_dim, "batch_dim")
+        self.scale_by_keep = check_bool(scale_by_keep, "scale_by_keep")
+
+    def extra_repr(self) -> str:
+        return (
+            f"p={self.p}, mode={self.mode!r}, batch_dim={self.batch_dim}, "
+            f"scale_by_keep={self.scale_by_keep}"
+        )
+
+
+class DropPath(_DropBase):
+    """Drop path (stochastic depth) as a module: :func:`drop_path` with ``training=self.training``.
+
+    Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016). Put it at the end of a
+    residual branch: ``x + DropPath(p)(branch(x))``.
+
+    Args:
+        p: the probability of *dropping* a sample, in [0, 1]. Default: 0.0.
+        mode: ``"row"`` (one draw per sample) or ``"batch"`` (one draw per call). Default: ``"row"``.
+        batch_dim: the dimension that indexes samples. Default: 0.
+        scale_by_keep: multiply kept values by ``1 / (1 - p)``. Default: True.
+
+    The settings are plain attributes that may be changed between steps. The module has no
+    parameters and no buffers.
+
+    Shape:
+        - Input: :math:`(*)`, any shape with at least one dimension.
+        - Output: :math:`(*)`, the same shape.
+
+    Examples:
+        >>> import torch
+        >>> from droppath import DropPath
+        >>> m = DropPath(p=0.2)
+        >>> m
+        DropPath(p=0.2, mode='row', batch_dim=0, scale_by_keep=True)
+        >>> m(torch.randn(8, 16)).shape
+        torch.Size([8, 16])
+        >>> x = torch.randn(8, 16)
+        >>> m.eval()(x) is x
+        True
+    """
+
+    def __init__(
+        self, p: float = 0.0, *, mode: str = "row", batch_dim: int = 0, scale_by_keep: bool = True
+    ) -> None:
+        super().__init__(p, mode, batch_dim, scale_by_keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(
+            x,
+            self.p,
+            self.training,
+            mode=self.mode,
+            batch_dim=self.batch_dim,
+            scale_by_keep=self.scale_by_keep,
+        )
+

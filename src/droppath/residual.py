@@ -1,0 +1,285 @@
+"""A residual connection whose drop path skips the dropped work: ``drop_add_residual``, ``Residual``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from droppath._checks import STRATEGIES, check_choice, check_drop_args, check_input
+from droppath.drop import _DropBase, keep_mask
+
+__all__ = ["Residual", "drop_add_residual"]
+
+Branch = Callable[[Tensor], Tensor]
+
+
+def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """The generator for decisions made on the host: ``generator`` if it lives on the CPU."""
+    if generator is not None and generator.device.type == "cpu":
+        return generator
+    return None
+
+
+@torch.compiler.disable
+def _draw_gate(keep: float, generator: torch.Generator | None) -> bool:
+    """One Bernoulli(keep) decision for batch mode, drawn on the host.
+
+    The draw uses the CPU generator (the global one unless ``generator`` is a CPU generator), so it
+    never waits for an accelerator, agrees across processes seeded alike (no collective), and is
+    replayed by ``torch.utils.checkpoint``, which restores the CPU random state for recomputation.
+    """
+    return bool(torch.rand((), generator=_host_generator(generator)) < keep)
+
+
+@torch.compiler.disable
+def _draw_rows(n: int, keep: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """The indices of the kept samples: an independent Bernoulli(keep) draw per sample, on the host.
+
+    Independent draws make every sample's keep probability exactly ``keep`` at every batch size
+    (a fixed subset size ``round(n * keep)`` would not). The count of kept samples is known on the
+    host before the branch runs, so choosing what to run needs no device synchronization.
+    """
+    kept = torch.rand(n, generator=_host_generator(generator)) < keep
+    idx = kept.nonzero().squeeze(1)
+    if device.type == "cpu":
+        return idx
+    if device.type == "cuda":
+        idx = idx.pin_memory()
+    return idx.to(device, non_blocking=True)
+
+
+class _TouchParams(torch.autograd.Function):
+    """Identity on ``x`` that gives zero gradients to ``params``.
+
+    When a dropped branch is skipped in a distributed run, its parameters still receive a gradient
+    (zeros), so ``DistributedDataParallel`` with its default ``find_unused_parameters=False`` finds
+    every parameter ready and neither raises nor hangs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta]
+        return (grad, *zeros)
+
+
+def _needs_touch() -> bool:
+    return (
+        torch.is_grad_enabled()
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _skip(base: Tensor, branch: Branch) -> Tensor:
+    """The result of a step whose branch is dropped for every sample: ``base``, branch not called."""
+    if isinstance(branch, nn.Module) and _needs_touch():
+        params = [p for p in branch.parameters() if p.requires_grad]
+        if params:
+            out: Tensor = _TouchParams.apply(base, *params)
+            return out
+    return base
+
+
+def _common(base: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """Cast both terms of the sum to their promoted dtype, as ``base + out`` would (autocast)."""
+    dtype = torch.promote_types(base.dtype, out.dtype)
+    return base.to(dtype), out.to(dtype)
+
+
+def _like_input(rows: Tensor, x: Tensor) -> Tensor:
+    """Keep channels_last on a gathered subset when the input had it."""
+    if rows.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return rows.contiguous(memory_format=torch.channels_last)
+    return rows
+
+
+def drop_add_residual(
+    x: Tensor,
+    branch: Branch,
+    p: float = 0.0,
+    training: bool = True,
+    *,
+    shortcut: Branch | None = None,
+    mode: str = "row",
+    batch_dim: int = 0,
+    scale_by_keep: bool = True,
+    strategy: str = "auto",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Compute ``base + drop_path(branch(x))`` without computing what is dropped.
+
+    Stochastic depth as in Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016), whose
+    code skipped dropped blocks; ``base`` is ``shortcut(x)`` when a shortcut is given, else ``x``.
+    The result has the distribution of ``base + drop_path(branch(x), p, mode=mode, ...)``, but:
+
+    - ``mode="batch"``: a dropped step never calls ``branch`` (no forward, no backward).
+    - ``mode="row"``, ``strategy="subset"``: ``branch`` runs only on the kept samples, gathered
+      along ``batch_dim``, and its output is added back at their rows, scaled by ``1 / (1 - p)``.
+      Each sample is kept independently with probability exactly ``1 - p``, at every batch size.
+    - ``mode="row"``, ``strategy="mask"``: ``branch`` runs on every sample and the drop is fused
+      into the add (``torch.addcmul``), as timm and torchvision do, without their extra temporary.
+    - ``mode="row"``, ``strategy="auto"``: draws the kept samples first, then skips the branch when
+      none is kept, runs it plainly when all are, and runs it on the subset otherwise.
+
+    Branches that mix samples (BatchNorm in training mode) see only the kept samples under
+    ``"subset"`` and ``"auto"``: their batch statistics are those of the kept samples, as if the
+    batch were smaller. Use ``strategy="mask"`` to keep statistics over the whole batch.
+
+    Random decisions are drawn on the host from the CPU generator (``generator`` when it is a CPU
+    generator, else the global one): no device synchronization, identical decisions in processes
+    seeded alike, and exact replay under ``torch.utils.checkpoint``. ``strategy="mask"`` draws its
+    mask on ``x``'s device instead (with ``generator`` when it lives there).
+
+    Args:
+        x: the input, of any floating dtype and rank >= 1.
+        branch: the residual branch, a callable (usually a module) from ``x`` to a tensor whose
+            shape is ``base``'s.
+        p: the probability of dropping the branch, per sample or per step, in [0, 1]. Default: 0.0.
+        training: apply stochastic depth only when True; otherwise return ``base + branch(x)``.
+            Default: True.
+        shortcut: a callable applied to ``x`` for the identity path, e.g. a projection when the
+            branch changes the shape. Default: None (the identity).
+        mode: ``"row"`` (one decision per sample) or ``"batch"`` (one per call). Default: ``"row"``.
+        batch_dim: the dimension that indexes samples, e.g. 1 for ``(L, N, E)``. Default: 0.
+        scale_by_keep: multiply the kept branch output by ``1 / (1 - p)``. Default: True.
+        strategy: ``"auto"``, ``"subset"`` or ``"mask"``, how row mode spends compute (above).
+            Ignored in batch mode. Default: ``"auto"``.
+        generator: the random generator for the decisions. Default: None (the global ones).
+
+    Shape:
+        - Input: :math:`(*)`, with the batch at ``batch_dim``.
+        - Output: the shape of ``base``, which the branch's output must match.
+
+    Examples:
+        >>> import torch
+        >>> from droppath import drop_add_residual
+        >>> calls = []
+        >>> def branch(t):
+        ...     calls.append(t.shape[0])
+        ...     return 2 * t
+        >>> x = torch.ones(8, 3)
+        >>> y = drop_add_residual(x, branch, p=0.5, generator=torch.Generator().manual_seed(0))
+        >>> calls[-1] < 8  # the branch saw only the kept rows
+        True
+        >>> sorted(set(y[:, 0].tolist()))  # dropped rows are x, kept rows x + 2 * x / (1 - p)
+        [1.0, 5.0]
+        >>> torch.equal(drop_add_residual(x, branch, p=0.5, training=False), 3 * x)
+        True
+    """
+    dim = check_input(x, batch_dim)
+    p = check_drop_args(p, mode, scale_by_keep)
+    check_choice(strategy, "strategy", STRATEGIES)
+    if not callable(branch):
+        raise TypeError(f"branch must be callable, got {type(branch).__name__}")
+    if shortcut is not None and not callable(shortcut):
+        raise TypeError(f"shortcut must be callable or None, got {type(shortcut).__name__}")
+
+    base = x if shortcut is None else shortcut(x)
+    if not training or p == 0.0:
+        return base + branch(x)
+    keep = 1.0 - p
+    scale = 1.0 / keep if scale_by_keep and keep > 0.0 else 1.0
+
+    if mode == "batch":
+        if keep == 0.0 or not _draw_gate(keep, generator):
+            return _skip(base, branch)
+        base, out = _common(base, branch(x))
+        return torch.add(base, out, alpha=scale)
+
+    if strategy == "mask":
+        base, out = _common(base, branch(x))
+        out_dim = dim if out.dim() == x.dim() else batch_dim % out.dim()
+        device_gen = generator if generator is not None and generator.device == out.device else None
+        mask = keep_mask(out, p, mode="row", batch_dim=out_dim, scale_by_keep=scale_by_keep,
+                         generator=device_gen)
+        return torch.addcmul(base, out, mask)
+
+    n = x.shape[dim]
+    idx = _draw_rows(n, keep, x.device, generator)
+    k = idx.shape[0]
+    if k == 0:
+        return _skip(base, branch)
+    if k == n:
+        base, out = _common(base, branch(x))
+        return torch.add(base, out, alpha=scale)
+    rows = _like_input(x.index_select(dim, idx), x)
+    base, out = _common(base, branch(rows))
+    return base.index_add(dim, idx, out, alpha=scale)
+
+
+class Residual(_DropBase):
+    """A residual block ``shortcut(x) + drop_path(branch(x))`` that skips the dropped work.
+
+    The module form of :func:`drop_add_residual` (see there for the modes and strategies), after
+    Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016).
+
+    Args:
+        branch: the residual branch, stored as ``self.branch``.
+        p: the probability of dropping the branch, in [0, 1]. Default: 0.0.
+        shortcut: a module for the identity path, stored as ``self.shortcut``. Default: None.
+        mode: ``"row"`` or ``"batch"``. Default: ``"row"``.
+        batch_dim: the dimension that indexes samples. Default: 0.
+        scale_by_keep: multiply the kept branch output by ``1 / (1 - p)``. Default: True.
+        strategy: ``"auto"``, ``"subset"`` or ``"mask"``. Default: ``"auto"``.
+
+    ``p``, ``mode``, ``batch_dim``, ``scale_by_keep`` and ``strategy`` are plain attributes that may
+    be changed between steps; the state dict holds only ``branch.*`` and ``shortcut.*`` entries.
+
+    Shape:
+        - Input: :math:`(*)`, with the batch at ``batch_dim``.
+        - Output: the shape of ``branch(x)``.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from droppath import Residual
+        >>> block = Residual(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)), p=0.1)
+        >>> block(torch.randn(4, 16)).shape
+        torch.Size([4, 16])
+        >>> list(block.state_dict())
+        ['branch.0.weight', 'branch.0.bias', 'branch.1.weight', 'branch.1.bias']
+    """
+
+    def __init__(
+        self,
+        branch: nn.Module,
+        p: float = 0.0,
+        *,
+        shortcut: nn.Module | None = None,
+        mode: str = "row",
+        batch_dim: int = 0,
+        scale_by_keep: bool = True,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(p, mode, batch_dim, scale_by_keep)
+        if not isinstance(branch, nn.Module):
+            raise TypeError(f"branch must be an nn.Module, got {type(branch).__name__}")
+        if shortcut is not None and not isinstance(shortcut, nn.Module):
+            raise TypeError(f"shortcut must be an nn.Module or None, got {type(shortcut).__name__}")
+        self.branch = branch
+        self.shortcut = shortcut
+        self.strategy = check_choice(strategy, "strategy", STRATEGIES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_add_residual(
+            x,
+            self.branch,
+            self.p,
+            self.training,
+            shortcut=self.shortcut,
+            mode=self.mode,
+            batch_dim=self.batch_dim,
+            scale_by_keep=self.scale_by_keep,
+            strategy=self.strategy,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, strategy={self.strategy!r}"
