@@ -6,7 +6,6 @@ received (``p must be a probability in [0, 1], got 1.5``).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -24,9 +23,11 @@ def _choices(values: Sequence[str]) -> str:
 def check_probability(p: Any, name: str = "p") -> float:
     """Return ``p`` as a float after checking that it lies in [0, 1]."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a probability in [0, 1], got {p!r} of type {type(p).__name__}")
+        raise TypeError(
+            f"{name} must be a probability in [0, 1], got {p!r} of type {type(p).__name__}"
+        )
     value = float(p)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # also catches NaN; math.isnan would break torch.compile graphs
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     return value
 
@@ -50,10 +51,10 @@ def check_int(value: Any, name: str) -> int:
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    value = check_int(value, name)
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    number = check_int(value, name)
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
 
 
 def check_input(x: Any, batch_dim: int, name: str = "x") -> int:
@@ -68,12 +69,12 @@ def check_input(x: Any, batch_dim: int, name: str = "x") -> int:
 
 
 def check_batch_dim(batch_dim: Any, ndim: int) -> int:
-    batch_dim = check_int(batch_dim, "batch_dim")
-    if not -ndim <= batch_dim < ndim:
+    dim = check_int(batch_dim, "batch_dim")
+    if not -ndim <= dim < ndim:
         raise ValueError(
-            f"batch_dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-D input, got {batch_dim}"
+            f"batch_dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-D input, got {dim}"
         )
-    return batch_dim % ndim
+    return dim % ndim
 
 
 def check_drop_args(p: Any, mode: Any, scale_by_keep: Any) -> float:

@@ -27,7 +27,7 @@ def keep_mask(
     scale_by_keep: bool,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw the broadcastable multiplier of ``drop_path``: 0 for dropped rows, the scale for kept ones.
+    """The multiplier of ``drop_path``: 0 for dropped rows, the scale for kept ones.
 
     ``batch_dim`` must already be non-negative. The draw is made in float32 whatever ``x``'s dtype,
     so that the keep probability is exact in float16 and bfloat16 as well; only the stored scale
@@ -97,7 +97,9 @@ def drop_path(
     p = check_drop_args(p, mode, scale_by_keep)
     if not training or p == 0.0:
         return x
-    mask = keep_mask(x, p, mode=mode, batch_dim=dim, scale_by_keep=scale_by_keep, generator=generator)
+    mask = keep_mask(
+        x, p, mode=mode, batch_dim=dim, scale_by_keep=scale_by_keep, generator=generator
+    )
     return x * mask
 
 
@@ -135,7 +137,7 @@ class DropPath(_DropBase):
 
     Args:
         p: the probability of *dropping* a sample, in [0, 1]. Default: 0.0.
-        mode: ``"row"`` (one draw per sample) or ``"batch"`` (one draw per call). Default: ``"row"``.
+        mode: ``"row"`` (one draw per sample) or ``"batch"`` (one per call). Default: ``"row"``.
         batch_dim: the dimension that indexes samples. Default: 0.
         scale_by_keep: multiply kept values by ``1 / (1 - p)``. Default: True.
 
@@ -173,4 +175,3 @@ class DropPath(_DropBase):
             batch_dim=self.batch_dim,
             scale_by_keep=self.scale_by_keep,
         )
-

@@ -1,8 +1,9 @@
-"""A residual connection whose drop path skips the dropped work: ``drop_add_residual``, ``Residual``."""
+"""Residual connections that skip the dropped work: ``Residual``, ``drop_add_residual``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,12 @@ from droppath.drop import _DropBase, keep_mask
 __all__ = ["Residual", "drop_add_residual"]
 
 Branch = Callable[[Tensor], Tensor]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _eager_only(fn: _F) -> _F:
+    """Run ``fn`` outside torch.compile graphs: a host-side draw with a data-dependent result."""
+    return cast(_F, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
 
 
 def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -22,7 +29,7 @@ def _host_generator(generator: torch.Generator | None) -> torch.Generator | None
     return None
 
 
-@torch.compiler.disable
+@_eager_only
 def _draw_gate(keep: float, generator: torch.Generator | None) -> bool:
     """One Bernoulli(keep) decision for batch mode, drawn on the host.
 
@@ -33,8 +40,10 @@ def _draw_gate(keep: float, generator: torch.Generator | None) -> bool:
     return bool(torch.rand((), generator=_host_generator(generator)) < keep)
 
 
-@torch.compiler.disable
-def _draw_rows(n: int, keep: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
+@_eager_only
+def _draw_rows(
+    n: int, keep: float, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
     """The indices of the kept samples: an independent Bernoulli(keep) draw per sample, on the host.
 
     Independent draws make every sample's keep probability exactly ``keep`` at every batch size
@@ -59,12 +68,12 @@ class _TouchParams(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, *params: Tensor) -> Tensor:
         ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
         zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta]
         return (grad, *zeros)
 
@@ -79,24 +88,30 @@ def _needs_touch() -> bool:
 
 
 def _skip(base: Tensor, branch: Branch) -> Tensor:
-    """The result of a step whose branch is dropped for every sample: ``base``, branch not called."""
+    """A step whose branch is dropped for every sample: ``base``, the branch never called."""
     if isinstance(branch, nn.Module) and _needs_touch():
         params = [p for p in branch.parameters() if p.requires_grad]
         if params:
-            out: Tensor = _TouchParams.apply(base, *params)
+            out: Tensor = _TouchParams.apply(base, *params)  # type: ignore[no-untyped-call]
             return out
     return base
 
 
 def _common(base: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """Cast both terms of the sum to their promoted dtype, as ``base + out`` would (autocast)."""
+    if base.dtype == out.dtype:
+        return base, out
     dtype = torch.promote_types(base.dtype, out.dtype)
     return base.to(dtype), out.to(dtype)
 
 
 def _like_input(rows: Tensor, x: Tensor) -> Tensor:
     """Keep channels_last on a gathered subset when the input had it."""
-    if rows.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        rows.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return rows.contiguous(memory_format=torch.channels_last)
     return rows
 
@@ -198,8 +213,9 @@ def drop_add_residual(
         base, out = _common(base, branch(x))
         out_dim = dim if out.dim() == x.dim() else batch_dim % out.dim()
         device_gen = generator if generator is not None and generator.device == out.device else None
-        mask = keep_mask(out, p, mode="row", batch_dim=out_dim, scale_by_keep=scale_by_keep,
-                         generator=device_gen)
+        mask = keep_mask(
+            out, p, mode="row", batch_dim=out_dim, scale_by_keep=scale_by_keep, generator=device_gen
+        )
         return torch.addcmul(base, out, mask)
 
     n = x.shape[dim]
@@ -212,7 +228,8 @@ def drop_add_residual(
         return torch.add(base, out, alpha=scale)
     rows = _like_input(x.index_select(dim, idx), x)
     base, out = _common(base, branch(rows))
-    return base.index_add(dim, idx, out, alpha=scale)
+    # clone() keeps base's memory format (channels_last); index_add would not
+    return base.clone().index_add_(dim, idx, out, alpha=scale)
 
 
 class Residual(_DropBase):
