@@ -3,11 +3,25 @@
 from droppath._version import __version__
 from droppath.drop import DropPath, drop_path
 from droppath.residual import Residual, drop_add_residual
+from droppath.schedules import (
+    DropRateScheduler,
+    convert,
+    depth_rates,
+    drop_path_sites,
+    prune,
+    set_drop_rates,
+)
 
 __all__ = [
     "DropPath",
+    "DropRateScheduler",
     "Residual",
     "__version__",
+    "convert",
+    "depth_rates",
     "drop_add_residual",
     "drop_path",
+    "drop_path_sites",
+    "prune",
+    "set_drop_rates",
 ]

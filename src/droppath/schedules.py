@@ -1,0 +1,433 @@
+"""Drop-rate schedules across depth and over training, applied to any model.
+
+Drop-path sites are found by duck typing, without importing the libraries that define them:
+droppath's ``DropPath`` and ``Residual``; timm's ``DropPath`` (attribute ``drop_prob``);
+torchvision's ``StochasticDepth`` (attributes ``p`` and ``mode``); and the ``*DropPath`` classes
+of Hugging Face transformers (attribute ``drop_prob``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from droppath._checks import (
+    check_choice,
+    check_int,
+    check_positive_int,
+    check_probability,
+)
+from droppath.drop import DropPath
+from droppath.residual import Residual
+
+__all__ = [
+    "DEPTH_RULES",
+    "TIME_RULES",
+    "DropRateScheduler",
+    "convert",
+    "depth_rates",
+    "drop_path_sites",
+    "prune",
+    "set_drop_rates",
+]
+
+DEPTH_RULES = ("linear", "linspace", "uniform")
+TIME_RULES = ("constant", "warmup", "early", "late", "pld")
+
+# The options each time rule takes: (required, optional with defaults).
+_TIME_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "constant": ((), {}),
+    "warmup": (("warmup_steps",), {}),
+    "early": (("cutoff_step",), {"shape": "linear"}),
+    "late": (("cutoff_step",), {}),
+    "pld": (("theta_bar", "gamma"), {}),
+}
+
+
+def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
+    """The drop rate of each of ``n`` blocks, from the input side to the output side.
+
+    Rules:
+
+    - ``"linear"``: Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016), eq. (4): block
+      ``l`` of ``n``, counted from 1, drops with ``p * l / n``; the last block drops with ``p``.
+    - ``"linspace"``: what timm and torchvision models compute, ``torch.linspace(0, p, n)``: block
+      ``l``, counted from 0, drops with ``p * l / (n - 1)``; the first block never drops.
+    - ``"uniform"``: every block drops with ``p`` (the paper's "uniform" alternative).
+
+    The rates are Python floats computed on the host, so they are the same for a model on any
+    device, the meta device included.
+
+    Args:
+        n: the number of blocks, an int >= 0.
+        p: the largest rate, in [0, 1].
+        rule: ``"linear"``, ``"linspace"`` or ``"uniform"``. Default: ``"linear"``.
+
+    Examples:
+        >>> from droppath import depth_rates
+        >>> depth_rates(4, 0.5)
+        [0.125, 0.25, 0.375, 0.5]
+        >>> depth_rates(5, 0.2, rule="linspace")
+        [0.0, 0.05, 0.1, 0.15000000000000002, 0.2]
+        >>> depth_rates(3, 0.1, rule="uniform")
+        [0.1, 0.1, 0.1]
+    """
+    n = check_positive_int(n, "n", minimum=0)
+    p = check_probability(p)
+    check_choice(rule, "rule", DEPTH_RULES)
+    if rule == "linear":
+        return [p * i / n for i in range(1, n + 1)]
+    if rule == "linspace":
+        return [p * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+    return [p] * n
+
+
+def _kind(module: nn.Module) -> str | None:
+    """Which attribute holds a drop-path site's rate, or None if ``module`` is not a site."""
+    if isinstance(module, DropPath | Residual):
+        return "p"
+    name = type(module).__name__
+    if name == "StochasticDepth" and hasattr(module, "p") and hasattr(module, "mode"):
+        return "p"
+    if name.endswith("DropPath") and hasattr(module, "drop_prob"):
+        return "drop_prob"
+    return None
+
+
+def drop_path_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every drop-path site of ``model``, in module registration (forward) order.
+
+    Examples:
+        >>> from torch import nn
+        >>> from droppath import DropPath, Residual, drop_path_sites
+        >>> model = nn.Sequential(Residual(nn.Linear(4, 4)), nn.ReLU(), DropPath())
+        >>> [name for name, _ in drop_path_sites(model)]
+        ['0', '2']
+    """
+    return [(name, m) for name, m in model.named_modules() if _kind(m) is not None]
+
+
+def _resolve_rates(
+    sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
+) -> list[float]:
+    if isinstance(p, Sequence) and not isinstance(p, str):
+        if len(p) != len(sites):
+            raise ValueError(
+                f"p must have one rate per drop-path site: the model has {len(sites)} sites, "
+                f"got {len(p)} rates"
+            )
+        check_choice(rule, "rule", DEPTH_RULES)
+        return [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
+    return depth_rates(len(sites), p, rule)
+
+
+def _apply(sites: Sequence[tuple[str, nn.Module]], rates: Sequence[float]) -> None:
+    for (_, module), rate in zip(sites, rates, strict=True):
+        setattr(module, _kind(module) or "p", rate)
+
+
+def set_drop_rates(
+    model: nn.Module, p: float | Sequence[float], rule: str = "linear"
+) -> list[tuple[str, float]]:
+    """Set the drop rate of every drop-path site of ``model`` by a depth rule.
+
+    Args:
+        model: any module; its sites are found by :func:`drop_path_sites`.
+        p: the largest rate for ``rule`` (see :func:`depth_rates`), or an explicit sequence with
+            one rate per site.
+        rule: ``"linear"``, ``"linspace"`` or ``"uniform"``. Default: ``"linear"``.
+
+    Returns:
+        ``(qualified module name, rate)`` for every site set, in forward order.
+
+    Examples:
+        >>> from torch import nn
+        >>> from droppath import Residual, set_drop_rates
+        >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(4)])
+        >>> set_drop_rates(model, 0.2)
+        [('0', 0.05), ('1', 0.1), ('2', 0.15000000000000002), ('3', 0.2)]
+        >>> model[3].p
+        0.2
+    """
+    sites = drop_path_sites(model)
+    rates = _resolve_rates(sites, p, rule)
+    _apply(sites, rates)
+    return [(name, rate) for (name, _), rate in zip(sites, rates, strict=True)]
+
+
+def _replacement(module: nn.Module) -> DropPath | None:
+    if isinstance(module, DropPath | Residual):
+        return None
+    kind = _kind(module)
+    if kind is None:
+        return None
+    if kind == "drop_prob":  # timm and Hugging Face: per-sample, scaled by the keep rate
+        attrs: dict[str, Any] = vars(module)
+        scale = attrs.get("scale_by_keep", True)
+        return DropPath(float(attrs["drop_prob"] or 0.0), scale_by_keep=bool(scale))
+    attrs = vars(module)
+    return DropPath(float(attrs["p"]), mode=str(attrs["mode"]))  # torchvision: scales when p < 1
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace timm's, torchvision's and Hugging Face's drop-path modules by ``droppath.DropPath``.
+
+    Each replacement has the same rate, mode and scaling, so the model computes the same
+    distribution; everything else is left untouched. The model is changed in place and returned
+    (the replacement itself if ``model`` is such a module).
+
+    Examples:
+        >>> from torch import nn
+        >>> from droppath import convert
+        >>> class StochasticDepth(nn.Module):  # torchvision's class, as far as convert can tell
+        ...     def __init__(self, p, mode):
+        ...         super().__init__()
+        ...         self.p, self.mode = p, mode
+        >>> convert(nn.Sequential(nn.Linear(2, 2), StochasticDepth(0.1, "row")))
+        Sequential(
+          (0): Linear(in_features=2, out_features=2, bias=True)
+          (1): DropPath(p=0.1, mode='row', batch_dim=0, scale_by_keep=True)
+        )
+    """
+    root = _replacement(model)
+    if root is not None:
+        return root.train(model.training)
+    for name, child in list(model.named_children()):
+        new = _replacement(child)
+        if new is not None:
+            setattr(model, name, new.train(child.training))
+        else:
+            convert(child)
+    return model
+
+
+def _time_factor(rule: str, step: int, options: dict[str, Any]) -> float:
+    """The multiplier of the depth rates at ``step`` (counted from 0) under a time rule."""
+    if rule == "constant":
+        return 1.0
+    if rule == "warmup":
+        return min(1.0, step / int(options["warmup_steps"]))
+    if rule == "early":
+        cutoff = int(options["cutoff_step"])
+        if step >= cutoff:
+            return 0.0
+        return 1.0 if options["shape"] == "constant" else 1.0 - step / cutoff
+    if rule == "late":
+        return 1.0 if step >= options["cutoff_step"] else 0.0
+    theta_bar, gamma = float(options["theta_bar"]), float(options["gamma"])
+    theta = (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
+    return (1.0 - theta) / (1.0 - theta_bar)
+
+
+def _check_time_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
+    check_choice(rule, "time_rule", TIME_RULES)
+    required, optional = _TIME_OPTIONS[rule]
+    allowed = (*required, *optional)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        shown = ", ".join(allowed) if allowed else "none"
+        raise ValueError(
+            f"time_rule={rule!r} takes the options {shown}, got unknown option(s) "
+            f"{', '.join(unknown)}"
+        )
+    missing = [k for k in required if k not in options]
+    if missing:
+        raise ValueError(f"time_rule={rule!r} needs the option(s) {', '.join(missing)}")
+    out = {**optional, **options}
+    if rule == "warmup":
+        out["warmup_steps"] = check_positive_int(out["warmup_steps"], "warmup_steps")
+    if rule in ("early", "late"):
+        out["cutoff_step"] = check_positive_int(out["cutoff_step"], "cutoff_step", minimum=0)
+    if rule == "early":
+        check_choice(out["shape"], "shape", ("linear", "constant"))
+    if rule == "pld":
+        theta_bar = check_probability(out["theta_bar"], "theta_bar")
+        if theta_bar == 1.0:
+            raise ValueError("theta_bar must be a probability in [0, 1), got 1.0")
+        gamma = out["gamma"]
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not gamma > 0:
+            raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
+        out["theta_bar"], out["gamma"] = theta_bar, float(gamma)
+    return out
+
+
+class DropRateScheduler:
+    """Set the drop rates of a model's drop-path sites by depth and by training step.
+
+    In the style of ``torch.optim.lr_scheduler``: construct it once (it sets the rates of step 0),
+    call :meth:`step` once per training iteration, and save :meth:`state_dict` with the checkpoint.
+    The rate of site ``i`` at step ``t`` is ``depth_rates(n, p, depth_rule)[i] * f(t)``, where the
+    time rule ``f`` is one of:
+
+    - ``"constant"``: ``f = 1``, the usual stochastic depth.
+    - ``"warmup"`` (``warmup_steps``): ``f = min(1, t / warmup_steps)``, for deep models that do not
+      converge with drop path from the first step (as learning-rate warm-up does for the rate).
+    - ``"early"`` (``cutoff_step``, optional ``shape="linear"`` or ``"constant"``): drop path only
+      before ``cutoff_step``, then none; Liu et al., "Dropout Reduces Underfitting" (ICML 2023),
+      early stochastic depth. Their released scheduler offers a constant or a linearly decreasing
+      rate before the cutoff; ``"linear"`` (from the full rate down to 0 at the cutoff) is the
+      default here.
+    - ``"late"`` (``cutoff_step``): no drop path before ``cutoff_step``, the full rate from it on;
+      the same paper's late stochastic depth.
+    - ``"pld"`` (``theta_bar``, ``gamma``): progressive layer dropping, Zhang & He, "Accelerating
+      Training of Transformer-Based Language Models with Progressive Layer Dropping" (NeurIPS
+      2020): the global keep ratio follows ``theta(t) = (1 - theta_bar) * exp(-gamma * t) +
+      theta_bar``, so ``f(t) = (1 - theta(t)) / (1 - theta_bar)`` rises from 0 to 1. With
+      ``p = 1 - theta_bar`` and the ``"linear"`` depth rule this is the paper's
+      ``1 - l / L * (1 - theta(t))`` keep probability for layer ``l`` of ``L``.
+
+    Args:
+        model: the model whose sites (see :func:`drop_path_sites`) are scheduled.
+        p: the largest rate for the depth rule, or one rate per site.
+        depth_rule: see :func:`depth_rates`. Default: ``"linear"``.
+        time_rule: one of the rules above. Default: ``"constant"``.
+        total_steps: the planned number of steps, if known; a rule option that counts steps
+            (``warmup_steps``, ``cutoff_step``) must not exceed it. Default: None.
+        **rule_options: the options of the time rule, named above.
+
+    Examples:
+        >>> from torch import nn
+        >>> from droppath import DropRateScheduler, Residual
+        >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(2)])
+        >>> sched = DropRateScheduler(model, 0.4, time_rule="warmup", warmup_steps=4)
+        >>> sched.get_last_p()
+        [0.0, 0.0]
+        >>> sched.step(); sched.step()
+        >>> sched.get_last_p()
+        [0.1, 0.2]
+        >>> model[1].p
+        0.2
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        p: float | Sequence[float],
+        *,
+        depth_rule: str = "linear",
+        time_rule: str = "constant",
+        total_steps: int | None = None,
+        **rule_options: Any,
+    ) -> None:
+        self.sites = drop_path_sites(model)
+        self.base_rates = _resolve_rates(self.sites, p, depth_rule)
+        self.depth_rule = depth_rule
+        self.time_rule = time_rule
+        self.options = _check_time_options(time_rule, rule_options)
+        if total_steps is not None:
+            total_steps = check_positive_int(total_steps, "total_steps")
+            for key in ("warmup_steps", "cutoff_step"):
+                if key in self.options and self.options[key] > total_steps:
+                    raise ValueError(
+                        f"{key} must be <= total_steps ({total_steps}), got {self.options[key]}"
+                    )
+        self.total_steps = total_steps
+        self.last_step = 0
+        self._last_p: list[float] = []
+        self._update()
+
+    def rates_at(self, step: int) -> list[float]:
+        """The rates of every site at ``step``, without changing the model."""
+        step = check_positive_int(step, "step", minimum=0)
+        factor = _time_factor(self.time_rule, step, self.options)
+        return [rate * factor for rate in self.base_rates]
+
+    def _update(self) -> None:
+        self._last_p = self.rates_at(self.last_step)
+        _apply(self.sites, self._last_p)
+
+    def step(self) -> None:
+        """Advance one training step and set the rates for it."""
+        self.last_step += 1
+        self._update()
+
+    def get_last_p(self) -> list[float]:
+        """The rates set at the current step, one per site, in forward order."""
+        return list(self._last_p)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule and its position, to save with a checkpoint."""
+        return {
+            "last_step": self.last_step,
+            "base_rates": list(self.base_rates),
+            "depth_rule": self.depth_rule,
+            "time_rule": self.time_rule,
+            "options": dict(self.options),
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position: the rates of that step are set on the model again."""
+        if len(state["base_rates"]) != len(self.sites):
+            raise ValueError(
+                f"state_dict has {len(state['base_rates'])} rates, the model has "
+                f"{len(self.sites)} drop-path sites"
+            )
+        self.base_rates = [float(r) for r in state["base_rates"]]
+        self.depth_rule = state["depth_rule"]
+        self.time_rule = state["time_rule"]
+        self.options = _check_time_options(self.time_rule, dict(state["options"]))
+        self.total_steps = state["total_steps"]
+        self.last_step = check_int(state["last_step"], "last_step")
+        self._update()
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (
+            f"{type(self).__name__}(sites={len(self.sites)}, depth_rule={self.depth_rule!r}, "
+            f"time_rule={self.time_rule!r}{opts}, last_step={self.last_step})"
+        )
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prune(model: nn.Module, k: int) -> dict[str, Any]:
+    """Remove for good the ``k`` ``Residual`` blocks with the highest drop rate.
+
+    Each removed block becomes its shortcut alone (``nn.Identity`` when it has none), which is
+    what the block computes when its branch is dropped: a model trained with stochastic depth
+    keeps working, cheaper, at inference (Fan et al., "Reducing Transformer Depth on Demand with
+    Structured Dropout", ICLR 2020). Ties go to the deeper block.
+
+    Args:
+        model: a model containing ``droppath.Residual`` blocks; changed in place.
+        k: how many blocks to remove, from 0 to the number of blocks.
+
+    Returns:
+        ``{"blocks_removed": [names], "parameters_removed": int, "parameters_left": int}``.
+
+    Examples:
+        >>> from torch import nn
+        >>> from droppath import Residual, prune, set_drop_rates
+        >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(4)])
+        >>> _ = set_drop_rates(model, 0.5)
+        >>> prune(model, 2)
+        {'blocks_removed': ['3', '2'], 'parameters_removed': 40, 'parameters_left': 40}
+        >>> model[3]
+        Identity()
+    """
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Residual) and name]
+    k = check_positive_int(k, "k", minimum=0)
+    if k > len(blocks):
+        raise ValueError(f"k must be in [0, {len(blocks)}] for this model, got {k}")
+    order = sorted(range(len(blocks)), key=lambda i: (-blocks[i][1].p, -i))
+    before = _count(model)
+    removed = []
+    for i in order[:k]:
+        name, block = blocks[i]
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        shortcut = block.shortcut if block.shortcut is not None else nn.Identity()
+        setattr(parent, attr, shortcut)
+        removed.append(name)
+    after = _count(model)
+    return {
+        "blocks_removed": removed,
+        "parameters_removed": before - after,
+        "parameters_left": after,
+    }
