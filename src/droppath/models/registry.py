@@ -33,8 +33,6 @@ def build_model(
         return CifarResNet(depth or 110, num_classes, in_channels, **drop)
     if name == "vit":
         patch = 4 if image_size >= 32 else 2
-        return SmallViT(
-            image_size, patch, in_channels, num_classes, depth=depth or 6, **drop
-        )
+        return SmallViT(image_size, patch, in_channels, num_classes, depth=depth or 6, **drop)
     allowed = ", ".join(repr(n) for n in MODEL_NAMES)
     raise ValueError(f"model must be one of {allowed}, got {name!r}")

@@ -27,7 +27,9 @@ class _Attention(nn.Module):
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+    )
 
 
 class SmallViT(nn.Module):
@@ -82,9 +84,7 @@ class SmallViT(nn.Module):
         image_size = check_positive_int(image_size, "image_size")
         patch_size = check_positive_int(patch_size, "patch_size")
         if image_size % patch_size:
-            raise ValueError(
-                f"patch_size must divide image_size ({image_size}), got {patch_size}"
-            )
+            raise ValueError(f"patch_size must divide image_size ({image_size}), got {patch_size}")
         tokens = (image_size // patch_size) ** 2
         self.patch = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))

@@ -1,0 +1,5 @@
+import sys
+
+from droppath.cli import main
+
+sys.exit(main())

@@ -1,0 +1,367 @@
+"""``droppath bench``: the time and memory of a training step, drop path variants side by side.
+
+Every variant trains the same stack (same weights, same input) and the variants are interleaved
+in one process, in a rotating order, after warm-up; the table shows medians and ratios to the
+plain residual (no drop path at all).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from droppath._checks import check_choice, check_positive_int, check_probability
+from droppath._progress import Progress
+from droppath.models.resnet import CifarResNet
+from droppath.models.vit import _Attention, _mlp
+from droppath.residual import Residual
+from droppath.schedules import depth_rates
+
+__all__ = ["BenchConfig", "format_table", "run_bench"]
+
+KINDS = ("mlp", "attn", "conv")
+RULES = ("uniform", "linear")
+
+
+class PlainResidual(nn.Module):
+    """``shortcut(x) + branch(x)``: the baseline with no stochastic depth."""
+
+    def __init__(self, block: Residual) -> None:
+        super().__init__()
+        self.branch, self.shortcut = block.branch, block.shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = x if self.shortcut is None else self.shortcut(x)
+        out: Tensor = base + self.branch(x)
+        return out
+
+
+class MaskMultiplyResidual(PlainResidual):
+    """The formulation of timm, torchvision and mmcv: compute every row, multiply by a mask."""
+
+    def __init__(self, block: Residual) -> None:
+        super().__init__(block)
+        self.p, self.mode = block.p, block.mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = x if self.shortcut is None else self.shortcut(x)
+        out: Tensor = self.branch(x)
+        if self.training and self.p > 0.0:
+            keep = 1.0 - self.p
+            shape = (out.shape[0],) + (1,) * (out.dim() - 1) if self.mode == "row" else (1,)
+            mask = out.new_empty(shape).bernoulli_(keep)
+            if keep > 0.0:
+                mask.div_(keep)
+            out = out * mask
+        result: Tensor = base + out
+        return result
+
+
+@dataclass
+class BenchConfig:
+    kind: str = "mlp"
+    depth: int | None = None
+    batch: int = 64
+    width: int | None = None
+    tokens: int = 32
+    p: float = 0.5
+    rule: str = "uniform"
+    mode: str = "row"
+    reps: int = 20
+    warmup: int = 3
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, "kind", KINDS)
+        check_choice(self.rule, "rule", RULES)
+        check_choice(self.mode, "mode", ("row", "batch"))
+        self.p = check_probability(self.p)
+        if self.depth is None:
+            self.depth = 54 if self.kind == "conv" else 12
+        if self.width is None:
+            self.width = 16 if self.kind == "conv" else 192
+        self.depth = check_positive_int(self.depth, "depth")
+        if self.kind == "conv" and self.depth % 3:
+            raise ValueError(f"depth must be a multiple of 3 for kind 'conv', got {self.depth}")
+        self.width = check_positive_int(self.width, "width")
+        self.batch = check_positive_int(self.batch, "batch")
+        self.tokens = check_positive_int(self.tokens, "tokens")
+        self.reps = check_positive_int(self.reps, "reps")
+        self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
+
+
+@dataclass
+class VariantResult:
+    name: str
+    step_ms: float
+    ratio: float
+    memory_mb: float
+    memory_ratio_to_mask_multiply: float
+    times_ms: list[float] = field(repr=False)
+
+
+def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
+    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
+    width = cfg.width or 1
+    if cfg.kind == "conv":
+        model: nn.Module = CifarResNet(
+            2 * (cfg.depth or 3) + 2,
+            widths=(width, 2 * width, 4 * width),
+            mode=cfg.mode,
+        )
+        blocks = [m for m in model.modules() if isinstance(m, Residual)]
+        for block, rate in zip(blocks, rates, strict=True):
+            block.p = rate
+        x = torch.randn(cfg.batch, 3, 32, 32)
+        return model, x
+    heads = max(1, width // 64)
+    make: Callable[[], nn.Module]
+    if cfg.kind == "mlp":
+        make = lambda: _mlp(width, 4 * width)  # noqa: E731
+    else:
+        make = lambda: _Attention(width, heads)  # noqa: E731
+    model = nn.Sequential(*[Residual(make(), rate, mode=cfg.mode) for rate in rates])
+    return model, torch.randn(cfg.batch, cfg.tokens, width)
+
+
+def _variant(model: nn.Module, name: str) -> nn.Module:
+    """A copy of ``model`` whose ``Residual`` blocks compute as variant ``name``."""
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, Residual):
+                continue
+            if name == "plain":
+                setattr(parent, child_name, PlainResidual(child))
+            elif name == "mask-multiply":
+                setattr(parent, child_name, MaskMultiplyResidual(child))
+            elif name == "Residual p=0":
+                child.p = 0.0
+            else:
+                child.strategy = name.split()[-1] if " " in name else "auto"
+    return out
+
+
+def _variant_names(mode: str) -> list[str]:
+    if mode == "batch":
+        return ["plain", "mask-multiply", "Residual", "Residual p=0"]
+    return [
+        "plain",
+        "mask-multiply",
+        "Residual mask",
+        "Residual subset",
+        "Residual auto",
+        "Residual p=0",
+    ]
+
+
+def _step(model: nn.Module, x: Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    model(x).float().square().mean().backward()
+
+
+def _eval_step(model: nn.Module, x: Tensor) -> None:
+    with torch.no_grad():
+        model(x)
+
+
+def _activation_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes saved for backward in one training step: the activation memory of the step.
+
+    On a CPU there is no allocator to ask for a peak; what autograd keeps between forward and
+    backward is what a drop path variant can save, so it is counted (each storage once).
+    """
+    seen: dict[tuple[int, str], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), str(t.device))] = storage.nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    return sum(seen.values())
+
+
+def _peak_memory(model: nn.Module, x: Tensor, reps: int) -> float:
+    """Median peak memory of a step in MB: CUDA's allocator peak, else bytes saved for backward."""
+    values = []
+    for _ in range(reps):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            _step(model, x)
+            torch.cuda.synchronize()
+            values.append(torch.cuda.max_memory_allocated() - before)
+        else:
+            values.append(_activation_bytes(model, x))
+    return statistics.median(values) / 2**20
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_bench(
+    cfg: BenchConfig, device: str | torch.device = "cpu", progress: bool = True
+) -> dict[str, Any]:
+    """Time every variant, interleaved, and return the results as plain data."""
+    dev = torch.device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    base, x = _build(cfg)
+    base, x = base.to(dev), x.to(dev)
+    if cfg.kind == "conv":
+        base = base.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    names = _variant_names(cfg.mode)
+    models = {name: _variant(base, name).train() for name in names}
+    eval_models = {"plain": models["plain"], "Residual": models[names[-2]]}
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {name: [] for name in names}
+    eval_times: dict[str, list[float]] = {name: [] for name in eval_models}
+    bar = Progress((cfg.warmup + cfg.reps) * (len(names) + 2), "bench") if progress else None
+    for rep in range(cfg.warmup + cfg.reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate: no variant always runs first
+            sync()
+            t0 = time.perf_counter()
+            _step(models[name], x)
+            sync()
+            if rep >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+            if bar:
+                bar.update(1)
+        for name, m in eval_models.items():
+            m.eval()
+            sync()
+            t0 = time.perf_counter()
+            _eval_step(m, x)
+            sync()
+            m.train()
+            if rep >= cfg.warmup:
+                eval_times[name].append(time.perf_counter() - t0)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+
+    memory = {name: _peak_memory(models[name], x, 3) for name in names}
+    plain = statistics.median(times["plain"])
+    mm_mem = memory["mask-multiply"]
+    results = [
+        asdict(
+            VariantResult(
+                name=name,
+                step_ms=1e3 * statistics.median(t),
+                ratio=statistics.median(t) / plain,
+                memory_mb=memory[name],
+                memory_ratio_to_mask_multiply=memory[name] / mm_mem if mm_mem else float("nan"),
+                times_ms=[1e3 * v for v in t],
+            )
+        )
+        for name, t in times.items()
+    ]
+    eval_plain = statistics.median(eval_times["plain"])
+    eval_res = statistics.median(eval_times["Residual"])
+    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
+    return {
+        "config": asdict(cfg),
+        "machine": machine_info(dev),
+        "kept_fraction": sum(1 - r for r in rates) / len(rates),
+        "results": results,
+        "eval": {
+            "plain_ms": 1e3 * eval_plain,
+            "residual_ms": 1e3 * eval_res,
+            "ratio": eval_res / eval_plain,
+        },
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table."""
+    cfg = report["config"]
+    memory_label = "peak MB" if report["machine"]["device"].startswith("cuda") else "saved MB"
+    lines = [
+        f"kind={cfg['kind']} depth={cfg['depth']} batch={cfg['batch']} width={cfg['width']} "
+        f"p={cfg['p']} rule={cfg['rule']} mode={cfg['mode']} reps={cfg['reps']} "
+        f"(kept fraction {report['kept_fraction']:.3f}; torch {report['machine']['torch']}, "
+        f"{report['machine']['device']}, {report['machine']['torch_threads']} threads)",
+        "",
+        f"| variant | step ms (median) | vs plain | {memory_label} | memory vs mask-multiply |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['name']} | {r['step_ms']:.1f} | {r['ratio']:.3f} | {r['memory_mb']:.1f} | "
+            f"{r['memory_ratio_to_mask_multiply']:.3f} |"
+        )
+    ev = report["eval"]
+    lines.append(
+        f"| eval forward: Residual vs plain | {ev['residual_ms']:.1f} | {ev['ratio']:.3f} | | |"
+    )
+    return "\n".join(lines)
+
+
+def bench_command(ns: Any) -> int:
+    from droppath.cli import UsageError
+
+    if ns.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device must be 'cpu' on this machine (no CUDA), got {ns.device!r}")
+    try:
+        cfg = _config(ns)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
+    print(format_table(report))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _config(ns: Any) -> BenchConfig:
+    return BenchConfig(
+        kind=ns.kind,
+        depth=ns.depth,
+        batch=ns.batch,
+        width=ns.width,
+        tokens=ns.tokens,
+        p=ns.p,
+        rule=ns.rule,
+        mode=ns.mode,
+        reps=ns.reps,
+        warmup=ns.warmup,
+        threads=ns.threads,
+        seed=ns.seed,
+    )

@@ -1,0 +1,95 @@
+"""Tests of the benchmark command (its numbers are not asserted: timing belongs to the command)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from droppath import Residual
+from droppath.bench import BenchConfig, MaskMultiplyResidual, PlainResidual, format_table, run_bench
+from droppath.cli import main
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attn", "conv"])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_run_bench_reports_every_variant(kind, mode):
+    cfg = BenchConfig(
+        kind=kind, depth=3, batch=8, width=16, tokens=4, p=0.5, mode=mode, reps=2, warmup=1
+    )
+    report = run_bench(cfg, progress=False)
+    names = [r["name"] for r in report["results"]]
+    assert names[:2] == ["plain", "mask-multiply"] and "Residual p=0" in names
+    if mode == "row":
+        assert {"Residual mask", "Residual subset", "Residual auto"} <= set(names)
+    plain = report["results"][0]
+    assert plain["ratio"] == 1.0 and len(plain["times_ms"]) == 2
+    assert all(r["step_ms"] > 0 for r in report["results"])
+    assert report["kept_fraction"] == 0.5
+    assert "| plain |" in format_table(report)
+    json.dumps(report)
+
+
+def test_subset_saves_activation_memory():
+    cfg = BenchConfig(kind="mlp", depth=6, batch=64, width=32, tokens=4, p=0.5, reps=1, warmup=0)
+    report = run_bench(cfg, progress=False)
+    mem = {r["name"]: r["memory_ratio_to_mask_multiply"] for r in report["results"]}
+    assert mem["Residual subset"] < 0.8
+    assert mem["Residual mask"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_mask_multiply_baseline_is_the_timm_formulation():
+    block = Residual(nn.Linear(4, 4), 0.5)
+    mm = MaskMultiplyResidual(block)
+    x = torch.randn(200, 4)
+    out = mm(x)
+    branch = (out - x).detach()
+    full = block.branch(x).detach()
+    dropped = (branch == 0).all(1)
+    kept = torch.isclose(branch, 2 * full, atol=1e-5).all(1)
+    assert (dropped ^ kept).all() and dropped.any() and kept.any()
+    assert torch.equal(PlainResidual(block)(x), x + block.branch(x))
+
+
+def test_cli_json_and_bad_input(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    rc = main(
+        [
+            "bench",
+            "--depth",
+            "2",
+            "--batch",
+            "4",
+            "--width",
+            "8",
+            "--tokens",
+            "2",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--json",
+            str(path),
+        ]
+    )
+    assert rc == 0
+    assert "| Residual auto |" in capsys.readouterr().out
+    assert json.loads(path.read_text())["config"]["depth"] == 2
+    assert main(["bench", "--kind", "lstm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["droppath bench: error: kind must be one of 'mlp', 'attn', 'conv', got 'lstm'"]
+    assert main(["bench", "-p", "1.5"]) == 2
+    assert "p must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    out = subprocess.run(
+        [sys.executable, "-m", "droppath", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--kind" in out.stdout
