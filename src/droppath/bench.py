@@ -238,7 +238,7 @@ def run_bench(
     base, x = _build(cfg)
     base, x = base.to(dev), x.to(dev)
     if cfg.kind == "conv":
-        base = base.to(memory_format=torch.channels_last)
+        base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
     names = _variant_names(cfg.mode)
     models = {name: _variant(base, name).train() for name in names}
