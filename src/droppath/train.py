@@ -1,11 +1,570 @@
-"""Placeholder replaced below."""
+"""``droppath train``: train a reference model, with and without stochastic depth, and compare.
 
+One process, or several under ``torchrun --nproc_per_node=N`` (DistributedDataParallel over gloo
+on CPUs, NCCL on GPUs, with a DistributedSampler); only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-def add_train_parser(sub: Any) -> None:
-    sub.add_parser("train")
+from droppath._checks import STRATEGIES, check_choice, check_positive_int, check_probability
+from droppath._progress import Progress
+from droppath.schedules import DEPTH_RULES, TIME_RULES, DropRateScheduler, drop_path_sites
+
+__all__ = ["TrainConfig", "add_train_parser", "train", "train_command"]
+
+MODELS = ("resnet", "vit")
+CHECKPOINT = "checkpoint.pt"
 
 
-def train_command(ns: Any) -> int:
+@dataclass
+class TrainConfig:
+    model: str = "resnet"
+    depth: int | None = None
+    p: float | None = None
+    rule: str = "linear"
+    time_rule: str = "constant"
+    warmup_steps: int | None = None
+    cutoff_step: int | None = None
+    theta_bar: float | None = None
+    gamma: float | None = None
+    mode: str | None = None
+    strategy: str = "auto"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.02
+    weight_decay: float = 5e-4
+    seed: int = 0
+    out: str = "runs/digits"
+    compile: bool = False
+    compare: bool = False
+    data: str = "digits"
+    data_dir: str | None = None
+    image_size: int = 32
+    resume: bool = False
+    stop_after: int | None = None
+    progress: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.model, "model", MODELS)
+        if self.p is None:
+            self.p = 0.5 if self.model == "resnet" else 0.1
+        self.p = check_probability(self.p)
+        if self.mode is None:
+            self.mode = "batch" if self.model == "resnet" else "row"
+        check_choice(self.mode, "mode", ("row", "batch"))
+        check_choice(self.rule, "rule", DEPTH_RULES)
+        check_choice(self.time_rule, "time_rule", TIME_RULES)
+        check_choice(self.strategy, "strategy", STRATEGIES)
+        check_choice(self.data, "data", ("digits", "cifar10", "folder"))
+        self.epochs = check_positive_int(self.epochs, "epochs")
+        self.batch_size = check_positive_int(self.batch_size, "batch_size")
+        if self.depth is not None:
+            self.depth = check_positive_int(self.depth, "depth")
+            if self.model == "resnet" and (self.depth - 2) % 6:
+                raise ValueError(
+                    f"depth must be 6n + 2 for resnet (20, 56, 110...), got {self.depth}"
+                )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a number > 0, got {self.lr}")
+        if self.stop_after is not None:
+            self.stop_after = check_positive_int(self.stop_after, "stop_after")
+        self.rule_options()  # checks that the time rule has its options
+
+    def rule_options(self) -> dict[str, Any]:
+        names = {
+            "warmup": ("warmup_steps",),
+            "early": ("cutoff_step",),
+            "late": ("cutoff_step",),
+            "pld": ("theta_bar", "gamma"),
+        }.get(self.time_rule, ())
+        options = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        missing = [n for n in names if n not in options]
+        if missing:
+            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+            raise ValueError(f"time_rule {self.time_rule!r} needs {flags}")
+        return options
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a reference model; --compare: with and without stochastic depth",
+        description="Train a reference model and report test accuracy and time per epoch. With "
+        "--compare, train it twice with the same seed, with and without stochastic depth, and "
+        "print them side by side. Works the same under torchrun --nproc_per_node=N.",
+    )
+    a = p.add_argument
+    a("--model", default=d.model, help="resnet (the paper's CIFAR ResNet) or vit (default: resnet)")
+    a("--depth", type=int, default=None, help="resnet: 6n+2 (default 110); vit: blocks (default 6)")
+    a(
+        "-p",
+        "--p",
+        type=float,
+        default=None,
+        help="drop rate of the last block (default: 0.5 for resnet, 0.1 for vit)",
+    )
+    a("--rule", default=d.rule, help="depth rule: linear, linspace or uniform (default: linear)")
+    a(
+        "--time-rule",
+        default=d.time_rule,
+        help="constant, warmup, early, late or pld (default: constant)",
+    )
+    a("--warmup-steps", type=int, default=None, help="option of --time-rule warmup")
+    a("--cutoff-step", type=int, default=None, help="option of --time-rule early and late")
+    a("--theta-bar", type=float, default=None, help="option of --time-rule pld")
+    a("--gamma", type=float, default=None, help="option of --time-rule pld")
+    a(
+        "--mode",
+        default=None,
+        help="batch or row (default: batch for resnet, as in the paper; row for vit)",
+    )
+    a("--strategy", default=d.strategy, help="row mode: auto, subset or mask (default: auto)")
+    a("--epochs", type=int, default=d.epochs, help=f"epochs (default: {d.epochs})")
+    a(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"global batch size, split across processes (default: {d.batch_size})",
+    )
+    a("--lr", type=float, default=d.lr, help=f"SGD learning rate, cosine decay (default: {d.lr})")
+    a("--seed", type=int, default=d.seed, help="seed (default: 0)")
+    a("--out", default=d.out, help=f"output folder (default: {d.out})")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compare", action="store_true", help="also train without stochastic depth and compare")
+    a("--data", default=d.data, help="digits (bundled), cifar10 or folder (default: digits)")
+    a("--data-dir", default=None, help="folder of --data cifar10 or --data folder")
+    a("--image-size", type=int, default=d.image_size, help="side of --data folder images")
+    a("--resume", action="store_true", help="continue from the checkpoints in --out")
+    a(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop once this many epochs are done, as an interruption would (to test --resume)",
+    )
+    a("--threads", type=int, default=None, help="torch threads per process")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+# --------------------------------------------------------------------------------------------
+# Files: every write is atomic (a temporary file, then a rename)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_metrics(folder: Path, history: list[dict[str, float]]) -> None:
+    _atomic_write_bytes(folder / "metrics.json", json.dumps(history, indent=2).encode())
+    text = io.StringIO()
+    if history:
+        writer = csv.DictWriter(text, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    _atomic_write_bytes(folder / "metrics.csv", text.getvalue().encode())
+
+
+def _check_writable(out: Path) -> None:
+    from droppath.cli import UsageError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".droppath-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output folder {str(out)!r} is not writable ({e.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# One training run
+
+
+def _make_model(cfg: TrainConfig, data: Any, p: float) -> nn.Module:
+    from droppath.models import build_model
+
+    return build_model(
+        cfg.model,
+        depth=cfg.depth,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        p=p,
+        rule=cfg.rule,
+        mode=cfg.mode,
+        strategy=cfg.strategy,
+    )
+
+
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
+) -> tuple[float, float]:
+    model.eval()
+    loss = correct = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits = model(x[i : i + batch])
+            loss += float(F.cross_entropy(logits, y[i : i + batch], reduction="sum"))
+            correct += float((logits.argmax(1) == y[i : i + batch]).sum())
+    model.train()
+    return loss / len(x), correct / len(x)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train_run(
+    cfg: TrainConfig, data: Any, p: float, folder: Path, dist: Dist, label: str
+) -> dict[str, Any]:
+    """Train one model; return its per-epoch history and summary. Rank 0 writes to ``folder``."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    torch.manual_seed(cfg.seed)  # same seed on every rank: same weights and same batch-mode gates
+    model = _make_model(cfg, data, p).to(dist.device)
+    sites = drop_path_sites(model)
+    drop_sched = DropRateScheduler(
+        model,
+        [float(getattr(m, "p", 0.0)) for _, m in sites],
+        depth_rule=cfg.rule,
+        time_rule=cfg.time_rule,
+        **cfg.rule_options(),
+    )
+    per_rank = max(1, cfg.batch_size // dist.world)
+    dataset = TensorDataset(data.x_train, data.y_train)
+    sampler = None
+    loader_gen = torch.Generator()
+    if dist.world > 1:
+        sampler = DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=loader_gen if sampler is None else None,
+        drop_last=True,
+    )
+    steps_per_epoch = len(loader)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+    )
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, cfg.epochs * steps_per_epoch)
+    )
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt_path = folder / CHECKPOINT
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=dist.device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        drop_sched.load_state_dict(ckpt["drop_scheduler"])
+        _set_rng_state(ckpt["rng"], dist.device)
+        history = list(ckpt["history"])
+        start_epoch = int(ckpt["epoch"])
+
+    net: nn.Module = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+
+    x_test, y_test = data.x_test.to(dist.device), data.y_test.to(dist.device)
+    last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    for epoch in range(start_epoch, last):
+        loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # the order of epoch e, resumed or not
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        bar = (
+            Progress(steps_per_epoch, f"{label} {epoch + 1}/{cfg.epochs}")
+            if (cfg.progress and dist.main)
+            else None
+        )
+        net.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize(dist.device)
+        t0 = time.perf_counter()
+        for xb, yb in loader:
+            xb, yb = xb.to(dist.device), yb.to(dist.device)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_sched.step()
+            drop_sched.step()
+            seen += len(yb)
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            if bar:
+                elapsed = time.perf_counter() - t0
+                bar.update(1, loss=loss_sum / seen, acc=correct / seen, rows_s=seen / elapsed)
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize(dist.device)
+        epoch_time = time.perf_counter() - t0
+        if bar:
+            bar.close()
+        test_loss, test_acc = _evaluate(model, x_test, y_test, 256)
+        keep = [1.0 - r for r in drop_sched.get_last_p()]
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "epoch_time_s": epoch_time,
+                "rows_per_s": seen * dist.world / epoch_time,
+                "expected_depth": sum(keep),
+            }
+        )
+        if dist.main:
+            _atomic_save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_sched.state_dict(),
+                    "drop_scheduler": drop_sched.state_dict(),
+                    "rng": _rng_state(dist.device),
+                    "history": history,
+                    "config": asdict(cfg),
+                    "p": p,
+                },
+                ckpt_path,
+            )
+            _write_metrics(folder, history)
+    return {
+        "label": label,
+        "p": p,
+        "history": history,
+        "sites": len(sites),
+        "expected_depth": sum(1.0 - r for r in drop_sched.get_last_p()),
+        "finished": len(history) >= cfg.epochs,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _summary(run: dict[str, Any]) -> dict[str, float]:
+    h = run["history"]
+    times = [e["epoch_time_s"] for e in h]
+    return {
+        "p": run["p"],
+        "test_acc": h[-1]["test_acc"] if h else float("nan"),
+        "epoch_time_s": statistics.median(times) if times else float("nan"),
+        "expected_depth": run["expected_depth"],
+        "blocks": run["sites"],
+    }
+
+
+def format_results(runs: list[dict[str, Any]]) -> str:
+    rows = [_summary(r) for r in runs]
+    lines = [
+        "| run | p | test accuracy | time per epoch (s, median) | time ratio | expected depth |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base = rows[-1]["epoch_time_s"]
+    for run, s in zip(runs, rows, strict=True):
+        depth = (
+            f"{s['expected_depth']:.2f} of {s['blocks']} ({s['expected_depth'] / s['blocks']:.3f})"
+        )
+        lines.append(
+            f"| {run['label']} | {s['p']:g} | {s['test_acc']:.4f} | {s['epoch_time_s']:.3f} | "
+            f"{s['epoch_time_s'] / base:.3f} | {depth} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for run in runs:
+        h = run["history"]
+        ep = [e["epoch"] for e in h]
+        label = f"{run['label']} (p={run['p']:g})"
+        axes[0].plot(ep, [e["train_loss"] for e in h], label=f"{label} train")
+        axes[0].plot(ep, [e["test_loss"] for e in h], "--", label=f"{label} test")
+        axes[1].plot(ep, [e["test_acc"] for e in h], label=label)
+        axes[2].plot(ep, [e["epoch_time_s"] for e in h], marker="o", label=label)
+    for ax, title in zip(axes, ("loss", "test accuracy", "time per epoch (s)"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    axes[2].set_ylim(bottom=0)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def train(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Run the training described by ``cfg``; return one result per run."""
+    from droppath.cli import UsageError
+    from droppath.data import DataError, load_dataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = _init_distributed()
+    try:
+        out = Path(cfg.out)
+        if dist.main:
+            _check_writable(out)
+        try:
+            data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        plan = [("with_sd", cfg.p or 0.0)]
+        if cfg.compare:
+            plan.append(("without_sd", 0.0))
+        runs = []
+        for name, p in plan:
+            folder = out / name
+            if dist.main:
+                folder.mkdir(parents=True, exist_ok=True)
+            runs.append(train_run(cfg, data, p, folder, dist, name))
+        if dist.main and all(r["finished"] for r in runs):
+            table = format_results(runs)
+            _atomic_write_bytes(out / "results.md", (table + "\n").encode())
+            summary = {
+                "config": asdict(cfg),
+                "processes": dist.world,
+                "runs": [_summary(r) for r in runs],
+            }
+            _atomic_write_bytes(out / "results.json", json.dumps(summary, indent=2).encode())
+            _plot(runs, out / "plot.png")
+            print(table)
+            print(f"wrote {out}/results.md, results.json, plot.png and per-run metrics")
+        elif dist.main:
+            print(f"stopped after epoch {cfg.stop_after}; continue with --resume --out {out}")
+        return runs
+    finally:
+        if dist.world > 1:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+
+
+def _config(ns: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=ns.model,
+        depth=ns.depth,
+        p=ns.p,
+        rule=ns.rule,
+        time_rule=ns.time_rule,
+        warmup_steps=ns.warmup_steps,
+        cutoff_step=ns.cutoff_step,
+        theta_bar=ns.theta_bar,
+        gamma=ns.gamma,
+        mode=ns.mode,
+        strategy=ns.strategy,
+        epochs=ns.epochs,
+        batch_size=ns.batch_size,
+        lr=ns.lr,
+        seed=ns.seed,
+        out=ns.out,
+        compile=ns.compile,
+        compare=ns.compare,
+        data=ns.data,
+        data_dir=ns.data_dir,
+        image_size=ns.image_size,
+        resume=ns.resume,
+        stop_after=ns.stop_after,
+        progress=not ns.no_progress,
+        threads=ns.threads,
+    )
+
+
+def train_command(ns: argparse.Namespace) -> int:
+    from droppath.cli import UsageError
+
+    try:
+        cfg = _config(ns)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    train(cfg)
     return 0
