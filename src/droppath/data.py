@@ -84,7 +84,7 @@ def _split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple[Tenso
     """A stratified split: the same fraction of every class goes to the test set."""
     g = torch.Generator().manual_seed(seed)
     test_idx = []
-    for c in y.unique():
+    for c in torch.unique(y):
         idx = (y == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
         test_idx.append(idx[: max(1, round(len(idx) * test_fraction))])

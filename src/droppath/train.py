@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 class Dist:
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -302,7 +302,7 @@ def train_run(
     )
     per_rank = max(1, cfg.batch_size // dist.world)
     dataset = TensorDataset(data.x_train, data.y_train)
-    sampler = None
+    sampler: DistributedSampler[Any] | None = None
     loader_gen = torch.Generator()
     if dist.world > 1:
         sampler = DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
@@ -364,7 +364,7 @@ def train_run(
             logits = net(xb)
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             lr_sched.step()
             drop_sched.step()
