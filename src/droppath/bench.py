@@ -237,7 +237,7 @@ def run_bench(
     torch.manual_seed(cfg.seed)
     base, x = _build(cfg)
     base, x = base.to(dev), x.to(dev)
-    if cfg.kind == "conv":
+    if cfg.kind == "conv" and dev.type == "cuda":  # cuDNN's fast layout; on CPUs, NCHW
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
     names = _variant_names(cfg.mode)

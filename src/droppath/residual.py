@@ -78,6 +78,33 @@ class _TouchParams(torch.autograd.Function):
         return (grad, *zeros)
 
 
+class _ScatterAdd(torch.autograd.Function):
+    """``base`` with ``alpha * rows`` added at ``idx`` along ``dim``, saving only ``idx``.
+
+    ``Tensor.index_add`` keeps its whole ``source`` alive for backward (to shape its gradient),
+    which would hold on to the branch output of every kept row; this only needs the indices.
+    ``clone()`` keeps ``base``'s memory format (channels_last), which ``index_add`` would not.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, base: Tensor, rows: Tensor, idx: Tensor, dim: int, alpha: float
+    ) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.dim, ctx.alpha = dim, alpha
+        return base.clone().index_add_(dim, idx, rows, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (idx,) = ctx.saved_tensors
+        grad_rows = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = grad.index_select(ctx.dim, idx)
+            if ctx.alpha != 1.0:
+                grad_rows = grad_rows * ctx.alpha
+        return grad, grad_rows, None, None, None
+
+
 def _needs_touch() -> bool:
     return (
         torch.is_grad_enabled()
@@ -228,8 +255,8 @@ def drop_add_residual(
         return torch.add(base, out, alpha=scale)
     rows = _like_input(x.index_select(dim, idx), x)
     base, out = _common(base, branch(rows))
-    # clone() keeps base's memory format (channels_last); index_add would not
-    return base.clone().index_add_(dim, idx, out, alpha=scale)
+    result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale)  # type: ignore[no-untyped-call]
+    return result
 
 
 class Residual(_DropBase):

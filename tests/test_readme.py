@@ -1,0 +1,34 @@
+"""The README's promises about itself: two set-up commands, and CI runs the test one.
+
+The README's and the tutorial's code examples run as doctests (see pyproject's pytest options).
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = "python3 -m venv .venv && "
+
+
+def _setup_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip().startswith(SETUP)]
+
+
+def test_readme_has_exactly_two_setup_commands():
+    commands = _setup_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert main_job.endswith("droppath train --compare")
+    assert tests.endswith("python -m pytest")
+    for command in commands:
+        assert "torch==2.13.0" in command  # the CPU build on this machine's disk
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert _setup_commands()[1] in [line.strip() for line in ci]
+
+
+def test_project_requires_a_torch_range():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=2.1"' in text
