@@ -228,10 +228,12 @@ def drop_add_residual(
     if not training or p == 0.0:
         return base + branch(x)
     keep = 1.0 - p
-    scale = 1.0 / keep if scale_by_keep and keep > 0.0 else 1.0
+    if keep == 0.0:
+        return _skip(base, branch)
+    scale = 1.0 / keep if scale_by_keep else 1.0
 
     if mode == "batch":
-        if keep == 0.0 or not _draw_gate(keep, generator):
+        if not _draw_gate(keep, generator):
             return _skip(base, branch)
         base, out = _common(base, branch(x))
         return torch.add(base, out, alpha=scale)

@@ -79,9 +79,9 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
     p = check_probability(p)
     check_choice(rule, "rule", DEPTH_RULES)
     if rule == "linear":
-        return [p * i / n for i in range(1, n + 1)]
+        return [p * (i / n) for i in range(1, n + 1)]
     if rule == "linspace":
-        return [p * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+        return [p * (i / (n - 1)) if n > 1 else 0.0 for i in range(n)]
     return [p] * n
 
 

@@ -26,7 +26,7 @@ from droppath._checks import STRATEGIES, check_choice, check_positive_int, check
 from droppath._progress import Progress
 from droppath.schedules import DEPTH_RULES, TIME_RULES, DropRateScheduler, drop_path_sites
 
-__all__ = ["TrainConfig", "add_train_parser", "train", "train_command"]
+__all__ = ["Run", "TrainConfig", "add_train_parser", "train", "train_command"]
 
 MODELS = ("resnet", "vit")
 CHECKPOINT = "checkpoint.pt"
@@ -47,7 +47,7 @@ class TrainConfig:
     strategy: str = "auto"
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 0.02
+    lr: float = 0.1
     weight_decay: float = 5e-4
     seed: int = 0
     out: str = "runs/digits"
@@ -283,105 +283,124 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train_run(
-    cfg: TrainConfig, data: Any, p: float, folder: Path, dist: Dist, label: str
-) -> dict[str, Any]:
-    """Train one model; return its per-epoch history and summary. Rank 0 writes to ``folder``."""
-    from torch.utils.data import DataLoader, TensorDataset
-    from torch.utils.data.distributed import DistributedSampler
+class Run:
+    """One model in training: its optimizer, schedules, data order, random state and history.
 
-    torch.manual_seed(cfg.seed)  # same seed on every rank: same weights and same batch-mode gates
-    model = _make_model(cfg, data, p).to(dist.device)
-    sites = drop_path_sites(model)
-    drop_sched = DropRateScheduler(
-        model,
-        [float(getattr(m, "p", 0.0)) for _, m in sites],
-        depth_rule=cfg.rule,
-        time_rule=cfg.time_rule,
-        **cfg.rule_options(),
-    )
-    per_rank = max(1, cfg.batch_size // dist.world)
-    dataset = TensorDataset(data.x_train, data.y_train)
-    sampler: DistributedSampler[Any] | None = None
-    loader_gen = torch.Generator()
-    if dist.world > 1:
-        sampler = DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=loader_gen if sampler is None else None,
-        drop_last=True,
-    )
-    steps_per_epoch = len(loader)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
-    )
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, cfg.epochs * steps_per_epoch)
-    )
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    ckpt_path = folder / CHECKPOINT
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=dist.device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_sched.load_state_dict(ckpt["lr_scheduler"])
-        drop_sched.load_state_dict(ckpt["drop_scheduler"])
-        _set_rng_state(ckpt["rng"], dist.device)
-        history = list(ckpt["history"])
-        start_epoch = int(ckpt["epoch"])
+    Runs of a comparison train in the same process, an epoch of each in turn, so that slow and
+    fast spells of a shared machine fall on both alike. Each run keeps its own random state, set
+    before and saved after each of its epochs, so a run draws the same numbers whether it trains
+    alone, interleaved with another, or resumed from its checkpoint. Rank 0 writes to ``folder``.
+    """
 
-    net: nn.Module = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    def __init__(
+        self, cfg: TrainConfig, data: Any, p: float, folder: Path, dist: Dist, label: str
+    ) -> None:
+        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data.distributed import DistributedSampler
 
-        net = DistributedDataParallel(model)
-    if cfg.compile:
-        net = torch.compile(net)  # type: ignore[assignment]
-
-    x_test, y_test = data.x_test.to(dist.device), data.y_test.to(dist.device)
-    last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
-    for epoch in range(start_epoch, last):
-        loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # the order of epoch e, resumed or not
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        bar = (
-            Progress(steps_per_epoch, f"{label} {epoch + 1}/{cfg.epochs}")
-            if (cfg.progress and dist.main)
-            else None
+        self.cfg, self.data, self.p, self.folder, self.dist, self.label = (
+            cfg,
+            data,
+            p,
+            folder,
+            dist,
+            label,
         )
-        net.train()
+        torch.manual_seed(cfg.seed)  # same seed on every rank and run: same weights and gates
+        self.model = _make_model(cfg, data, p).to(dist.device)
+        self.sites = drop_path_sites(self.model)
+        self.drop_sched = DropRateScheduler(
+            self.model,
+            [float(getattr(m, "p", 0.0)) for _, m in self.sites],
+            depth_rule=cfg.rule,
+            time_rule=cfg.time_rule,
+            **cfg.rule_options(),
+        )
+        dataset = TensorDataset(data.x_train, data.y_train)
+        self.sampler: DistributedSampler[Any] | None = None
+        self.loader_gen = torch.Generator()
+        if dist.world > 1:
+            self.sampler = DistributedSampler(
+                dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed
+            )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=max(1, cfg.batch_size // dist.world),
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
+            generator=self.loader_gen if self.sampler is None else None,
+            drop_last=True,
+        )
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
+        self.lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(1, cfg.epochs * len(self.loader))
+        )
+        self.history: list[dict[str, float]] = []
+        self.epochs_done = 0
+        self.rng = _rng_state(dist.device)
+        ckpt_path = folder / CHECKPOINT
+        if cfg.resume and ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location=dist.device, weights_only=True)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.lr_sched.load_state_dict(ckpt["lr_scheduler"])
+            self.drop_sched.load_state_dict(ckpt["drop_scheduler"])
+            self.rng = ckpt["rng"]
+            self.history = list(ckpt["history"])
+            self.epochs_done = int(ckpt["epoch"])
+        self.net: nn.Module = self.model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model)
+        if cfg.compile:
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
+
+    def train_epoch(self) -> None:
+        """Train one epoch, evaluate, and (rank 0) write the checkpoint and the metrics."""
+        cfg, dist, epoch = self.cfg, self.dist, self.epochs_done
+        _set_rng_state(self.rng, dist.device)
+        self.loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # epoch e's order, resumed or not
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        steps = len(self.loader)
+        bar = None
+        if cfg.progress and dist.main:
+            bar = Progress(steps, f"{self.label} {epoch + 1}/{cfg.epochs}")
+        self.net.train()
         seen = correct = 0
         loss_sum = 0.0
-        if dist.device.type == "cuda":
-            torch.cuda.synchronize(dist.device)
+        _sync(dist.device)
         t0 = time.perf_counter()
-        for xb, yb in loader:
+        for xb, yb in self.loader:
             xb, yb = xb.to(dist.device), yb.to(dist.device)
-            logits = net(xb)
+            logits = self.net(xb)
             loss = F.cross_entropy(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            lr_sched.step()
-            drop_sched.step()
+            self.optimizer.step()
+            self.lr_sched.step()
+            self.drop_sched.step()
             seen += len(yb)
             loss_sum += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             if bar:
                 elapsed = time.perf_counter() - t0
                 bar.update(1, loss=loss_sum / seen, acc=correct / seen, rows_s=seen / elapsed)
-        if dist.device.type == "cuda":
-            torch.cuda.synchronize(dist.device)
+        _sync(dist.device)
         epoch_time = time.perf_counter() - t0
         if bar:
             bar.close()
-        test_loss, test_acc = _evaluate(model, x_test, y_test, 256)
-        keep = [1.0 - r for r in drop_sched.get_last_p()]
-        history.append(
+        x_test = self.data.x_test.to(dist.device)
+        y_test = self.data.y_test.to(dist.device)
+        test_loss, test_acc = _evaluate(self.model, x_test, y_test, 256)
+        self.history.append(
             {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
@@ -390,33 +409,46 @@ def train_run(
                 "test_acc": test_acc,
                 "epoch_time_s": epoch_time,
                 "rows_per_s": seen * dist.world / epoch_time,
-                "expected_depth": sum(keep),
+                "expected_depth": self.expected_depth(),
             }
         )
+        self.epochs_done = epoch + 1
+        self.rng = _rng_state(dist.device)
         if dist.main:
             _atomic_save(
                 {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_sched.state_dict(),
-                    "drop_scheduler": drop_sched.state_dict(),
-                    "rng": _rng_state(dist.device),
-                    "history": history,
+                    "epoch": self.epochs_done,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_sched.state_dict(),
+                    "drop_scheduler": self.drop_sched.state_dict(),
+                    "rng": self.rng,
+                    "history": self.history,
                     "config": asdict(cfg),
-                    "p": p,
+                    "p": self.p,
                 },
-                ckpt_path,
+                self.folder / CHECKPOINT,
             )
-            _write_metrics(folder, history)
-    return {
-        "label": label,
-        "p": p,
-        "history": history,
-        "sites": len(sites),
-        "expected_depth": sum(1.0 - r for r in drop_sched.get_last_p()),
-        "finished": len(history) >= cfg.epochs,
-    }
+            _write_metrics(self.folder, self.history)
+
+    def expected_depth(self) -> float:
+        """The sum of the sites' keep rates at the current step."""
+        return sum(1.0 - r for r in self.drop_sched.get_last_p())
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "p": self.p,
+            "history": self.history,
+            "sites": len(self.sites),
+            "expected_depth": self.expected_depth(),
+            "finished": len(self.history) >= self.cfg.epochs,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,12 +533,19 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         plan = [("with_sd", cfg.p or 0.0)]
         if cfg.compare:
             plan.append(("without_sd", 0.0))
-        runs = []
+        active = []
         for name, p in plan:
             folder = out / name
             if dist.main:
                 folder.mkdir(parents=True, exist_ok=True)
-            runs.append(train_run(cfg, data, p, folder, dist, name))
+            active.append(Run(cfg, data, p, folder, dist, name))
+        last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+        for epoch in range(last):
+            order = active[epoch % len(active) :] + active[: epoch % len(active)]
+            for run in order:  # interleaved, first place alternating
+                if run.epochs_done == epoch:
+                    run.train_epoch()
+        runs = [run.result() for run in active]
         if dist.main and all(r["finished"] for r in runs):
             table = format_results(runs)
             _atomic_write_bytes(out / "results.md", (table + "\n").encode())
