@@ -492,14 +492,15 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for run in runs:
+    for i, run in enumerate(runs):
         h = run["history"]
         ep = [e["epoch"] for e in h]
         label = f"{run['label']} (p={run['p']:g})"
-        axes[0].plot(ep, [e["train_loss"] for e in h], label=f"{label} train")
-        axes[0].plot(ep, [e["test_loss"] for e in h], "--", label=f"{label} test")
-        axes[1].plot(ep, [e["test_acc"] for e in h], label=label)
-        axes[2].plot(ep, [e["epoch_time_s"] for e in h], marker="o", label=label)
+        color = f"C{i}"  # one color per run on every panel; test loss dashed
+        axes[0].plot(ep, [e["train_loss"] for e in h], color=color, label=f"{label} train")
+        axes[0].plot(ep, [e["test_loss"] for e in h], "--", color=color, label=f"{label} test")
+        axes[1].plot(ep, [e["test_acc"] for e in h], color=color, label=label)
+        axes[2].plot(ep, [e["epoch_time_s"] for e in h], marker="o", color=color, label=label)
     for ax, title in zip(axes, ("loss", "test accuracy", "time per epoch (s)"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
