@@ -357,6 +357,32 @@ class TestBadArguments:
         with pytest.raises(TypeError, match="x must be a floating point tensor"):
             drop_add_residual(torch.ones(2, 4, dtype=torch.long), lin, 0.1)
 
+    def test_branch_output_of_the_wrong_shape_is_named(self):
+        x = torch.randn(16, 4)
+        with pytest.raises(
+            ValueError,
+            match=r"branch output must have the shape of the shortcut"
+            r" path except along batch_dim \(dim 0\): for \d+ kept rows of a "
+            r"shortcut of shape \(16, 4\) expected \(\d+, 4\), got \(\d+, 3\)",
+        ):
+            drop_add_residual(
+                x,
+                nn.Linear(4, 3),
+                0.5,
+                strategy="subset",
+                generator=torch.Generator().manual_seed(0),
+            )
+
+
+class TestExport:
+    def test_eval_export_has_no_random_op(self):
+        model = nn.Sequential(_block(0.5), _block(0.5, mode="batch")).eval()
+        ep = torch.export.export(model, (torch.randn(4, 16),))
+        names = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert not [n for n in names if any(r in n for r in ("rand", "bernoulli", "nonzero"))]
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(ep.module()(x), model(x))
+
 
 class TestModule:
     def test_state_dict_and_repr(self):

@@ -132,6 +132,17 @@ def _common(base: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     return base.to(dtype), out.to(dtype)
 
 
+def _check_rows(out: Tensor, base: Tensor, dim: int, k: int) -> None:
+    """The branch's output on ``k`` kept rows must fit ``base`` at those rows."""
+    expected = (*base.shape[:dim], k, *base.shape[dim + 1 :])
+    if out.shape != expected:
+        raise ValueError(
+            f"branch output must have the shape of the shortcut path except along batch_dim "
+            f"(dim {dim}): for {k} kept rows of a shortcut of shape {tuple(base.shape)} expected "
+            f"{expected}, got {tuple(out.shape)}"
+        )
+
+
 def _like_input(rows: Tensor, x: Tensor) -> Tensor:
     """Keep channels_last on a gathered subset when the input had it."""
     if (
@@ -257,6 +268,7 @@ def drop_add_residual(
         return torch.add(base, out, alpha=scale)
     rows = _like_input(x.index_select(dim, idx), x)
     base, out = _common(base, branch(rows))
+    _check_rows(out, base, dim, k)
     result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale)  # type: ignore[no-untyped-call]
     return result
 

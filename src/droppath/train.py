@@ -24,11 +24,11 @@ from torch import nn
 
 from droppath._checks import STRATEGIES, check_choice, check_positive_int, check_probability
 from droppath._progress import Progress
+from droppath.models.registry import MODEL_NAMES
 from droppath.schedules import DEPTH_RULES, TIME_RULES, DropRateScheduler, drop_path_sites
 
 __all__ = ["Run", "TrainConfig", "add_train_parser", "train", "train_command"]
 
-MODELS = ("resnet", "vit")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -62,7 +62,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        check_choice(self.model, "model", MODELS)
+        check_choice(self.model, "model", MODEL_NAMES)
         if self.p is None:
             self.p = 0.5 if self.model == "resnet" else 0.1
         self.p = check_probability(self.p)
