@@ -8,6 +8,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -502,3 +504,38 @@ def test_ddp_two_processes(tmp_path, mode, strategy):
 @pytest.mark.parametrize("mode", ["row", "batch"])
 def test_fsdp2_two_processes(tmp_path, mode):
     _run_distributed(tmp_path, mode, "auto", "fsdp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties over shapes, ranks, batch dims, strategies and modes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    data=st.data(),
+    p=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    mode=st.sampled_from(["row", "batch"]),
+    strategy=st.sampled_from(STRATEGIES),
+)
+def test_property_rows_are_base_or_scaled_branch(shape, data, p, mode, strategy):
+    ndim = len(shape)
+    batch_dim = data.draw(st.integers(-ndim, ndim - 1))
+    x = torch.rand(shape) + 1
+
+    def branch(t):  # per sample, never zero
+        return 3 * t + 1
+
+    out = drop_add_residual(x, branch, p, mode=mode, batch_dim=batch_dim, strategy=strategy)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    if x.numel() == 0:
+        return
+    scale = 1 / (1 - p) if p < 1 else 0.0
+    dropped, kept = row_outcomes(out, x, branch(x), scale, batch_dim=batch_dim % ndim)
+    assert (dropped | kept).all()
+    if p == 1.0:
+        assert dropped.all()
+    if p == 0.0:
+        assert kept.all()
+    if mode == "batch":
+        assert dropped.all() or kept.all()

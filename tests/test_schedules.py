@@ -144,6 +144,15 @@ class TestConvert:
         convert(model)
         assert isinstance(model[0], DropPath) and model[0].p == 0.1
 
+    def test_real_transformers(self):
+        hf = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+        model = nn.Sequential(hf.ConvNextDropPath(0.1))
+        assert [n for n, _ in drop_path_sites(model)] == ["0"]
+        set_drop_rates(model, [0.3])
+        assert model[0].drop_prob == 0.3
+        convert(model)
+        assert isinstance(model[0], DropPath) and model[0].p == 0.3
+
 
 def _model(n=4):
     return nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(n)])
