@@ -136,8 +136,13 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
 
 
 def _variant(model: nn.Module, name: str) -> nn.Module:
-    """A copy of ``model`` whose ``Residual`` blocks compute as variant ``name``."""
-    out = copy.deepcopy(model)
+    """A copy of ``model`` whose ``Residual`` blocks compute as variant ``name``.
+
+    The copy shares the parameters and buffers of ``model``: every variant computes with the same
+    tensors in memory, so none is favoured by where its weights happen to lie.
+    """
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = copy.deepcopy(model, memo=shared)
     for parent in list(out.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, Residual):
