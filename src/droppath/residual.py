@@ -101,8 +101,38 @@ class _ScatterAdd(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_rows = grad.index_select(ctx.dim, idx)
             if ctx.alpha != 1.0:
-                grad_rows = grad_rows * ctx.alpha
+                grad_rows.mul_(ctx.alpha)  # a fresh tensor: scaled in place
         return grad, grad_rows, None, None, None
+
+
+class _Split(torch.autograd.Function):
+    """``(x, x[idx])``: the input for the shortcut path and the kept rows for the branch.
+
+    One node for both uses of ``x``, so that backward adds the kept rows' gradient into the
+    shortcut's gradient directly, instead of scattering it into a zero tensor of ``x``'s size
+    and then adding two full-size gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, idx: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(idx)
+        ctx.dim, ctx.n = dim, x.shape[dim]
+        return x.view_as(x), x.index_select(dim, idx)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_x: Tensor | None, grad_rows: Tensor | None
+    ) -> tuple[Tensor | None, None, None]:
+        (idx,) = ctx.saved_tensors
+        if grad_rows is None:
+            return grad_x, None, None
+        if grad_x is None:
+            shape = list(grad_rows.shape)
+            shape[ctx.dim] = ctx.n
+            grad_x = grad_rows.new_zeros(shape)
+        else:
+            grad_x = grad_x.clone()  # may be shared with other nodes: never written in place
+        return grad_x.index_add_(ctx.dim, idx, grad_rows), None, None
 
 
 def _needs_touch() -> bool:
@@ -235,22 +265,24 @@ def drop_add_residual(
     if shortcut is not None and not callable(shortcut):
         raise TypeError(f"shortcut must be callable or None, got {type(shortcut).__name__}")
 
-    base = x if shortcut is None else shortcut(x)
+    def shortcut_of(t: Tensor) -> Tensor:
+        return t if shortcut is None else shortcut(t)
+
     if not training or p == 0.0:
-        return base + branch(x)
+        return shortcut_of(x) + branch(x)
     keep = 1.0 - p
     if keep == 0.0:
-        return _skip(base, branch)
+        return _skip(shortcut_of(x), branch)
     scale = 1.0 / keep if scale_by_keep else 1.0
 
     if mode == "batch":
         if not _draw_gate(keep, generator):
-            return _skip(base, branch)
-        base, out = _common(base, branch(x))
+            return _skip(shortcut_of(x), branch)
+        base, out = _common(shortcut_of(x), branch(x))
         return torch.add(base, out, alpha=scale)
 
     if strategy == "mask":
-        base, out = _common(base, branch(x))
+        base, out = _common(shortcut_of(x), branch(x))
         out_dim = dim if out.dim() == x.dim() else batch_dim % out.dim()
         device_gen = generator if generator is not None and generator.device == out.device else None
         mask = keep_mask(
@@ -262,12 +294,12 @@ def drop_add_residual(
     idx = _draw_rows(n, keep, x.device, generator)
     k = idx.shape[0]
     if k == 0:
-        return _skip(base, branch)
+        return _skip(shortcut_of(x), branch)
     if k == n:
-        base, out = _common(base, branch(x))
+        base, out = _common(shortcut_of(x), branch(x))
         return torch.add(base, out, alpha=scale)
-    rows = _like_input(x.index_select(dim, idx), x)
-    base, out = _common(base, branch(rows))
+    x_all, rows = _Split.apply(x, idx, dim)  # type: ignore[no-untyped-call]
+    base, out = _common(shortcut_of(x_all), branch(_like_input(rows, x)))
     _check_rows(out, base, dim, k)
     result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale)  # type: ignore[no-untyped-call]
     return result
