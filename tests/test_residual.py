@@ -4,6 +4,7 @@ import copy
 import os
 import pickle
 import socket
+import time
 
 import pytest
 import torch
@@ -467,19 +468,31 @@ def _ddp_worker(rank, world, port, mode, strategy, wrap, result_dir):
             state = model.state_dict()
         torch.save({"state": state, "calls": calls}, os.path.join(result_dir, f"rank{rank}.pt"))
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Both ranks have saved their results. Leave without running destructors: in torch 2.13 the
+    # gloo process group's destructor, reached when the DDP reducer is freed at teardown, can
+    # deadlock (its worker thread waits for the GIL that the joining main thread holds), which
+    # was seen here once in a few dozen runs.
+    os._exit(0)
 
 
 def _run_distributed(tmp_path, mode, strategy, wrap):
     port = _free_port()
-    mp.start_processes(
+    context = mp.start_processes(
         _ddp_worker,
         args=(2, port, mode, strategy, wrap, str(tmp_path)),
         nprocs=2,
-        join=True,
+        join=False,
         start_method="spawn",
     )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail(f"the 2-process {wrap} run did not finish in 240 s")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     if mode == "batch":

@@ -523,6 +523,7 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = _init_distributed()
+    active: list[Run] = []
     try:
         out = Path(cfg.out)
         if dist.main:
@@ -534,7 +535,6 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         plan = [("with_sd", cfg.p or 0.0)]
         if cfg.compare:
             plan.append(("without_sd", 0.0))
-        active = []
         for name, p in plan:
             folder = out / name
             if dist.main:
@@ -564,8 +564,14 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         return runs
     finally:
         if dist.world > 1:
+            import gc
+
             import torch.distributed as tdist
 
+            # Free the DDP wrappers (and their reducers) while the process group still lives,
+            # so that its destructor does not run later from theirs, at interpreter teardown.
+            active.clear()
+            gc.collect()
             tdist.destroy_process_group()
 
 
