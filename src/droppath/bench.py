@@ -349,34 +349,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def bench_command(ns: Any) -> int:
-    from droppath.cli import UsageError
+    from droppath.cli import UsageError, config_from_args
 
     if ns.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device must be 'cpu' on this machine (no CUDA), got {ns.device!r}")
-    try:
-        cfg = _config(ns)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+    cfg = config_from_args(BenchConfig, ns)
     report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
     print(format_table(report))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
-
-
-def _config(ns: Any) -> BenchConfig:
-    return BenchConfig(
-        kind=ns.kind,
-        depth=ns.depth,
-        batch=ns.batch,
-        width=ns.width,
-        tokens=ns.tokens,
-        p=ns.p,
-        rule=ns.rule,
-        mode=ns.mode,
-        reps=ns.reps,
-        warmup=ns.warmup,
-        threads=ns.threads,
-        seed=ns.seed,
-    )

@@ -7,12 +7,33 @@ tracebacks are left for bugs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any, TypeVar
+
+_C = TypeVar("_C")
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit code 2."""
+
+
+def config_from_args(cls: type[_C], ns: argparse.Namespace, **overrides: Any) -> _C:
+    """Build the dataclass ``cls`` from the parsed options that share its field names.
+
+    Fields without an option keep their defaults; ``overrides`` set the others. Checks in the
+    dataclass raise ValueError or TypeError, reported as a UsageError.
+    """
+    values = {
+        f.name: getattr(ns, f.name)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name not in overrides and hasattr(ns, f.name)
+    }
+    try:
+        return cls(**values, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

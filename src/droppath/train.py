@@ -575,42 +575,8 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
             tdist.destroy_process_group()
 
 
-def _config(ns: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        model=ns.model,
-        depth=ns.depth,
-        p=ns.p,
-        rule=ns.rule,
-        time_rule=ns.time_rule,
-        warmup_steps=ns.warmup_steps,
-        cutoff_step=ns.cutoff_step,
-        theta_bar=ns.theta_bar,
-        gamma=ns.gamma,
-        mode=ns.mode,
-        strategy=ns.strategy,
-        epochs=ns.epochs,
-        batch_size=ns.batch_size,
-        lr=ns.lr,
-        seed=ns.seed,
-        out=ns.out,
-        compile=ns.compile,
-        compare=ns.compare,
-        data=ns.data,
-        data_dir=ns.data_dir,
-        image_size=ns.image_size,
-        resume=ns.resume,
-        stop_after=ns.stop_after,
-        progress=not ns.no_progress,
-        threads=ns.threads,
-    )
-
-
 def train_command(ns: argparse.Namespace) -> int:
-    from droppath.cli import UsageError
+    from droppath.cli import config_from_args
 
-    try:
-        cfg = _config(ns)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-    train(cfg)
+    train(config_from_args(TrainConfig, ns, progress=not ns.no_progress))
     return 0
