@@ -37,10 +37,12 @@ def keep_mask(
     if mode == "row":
         shape[batch_dim] = x.shape[batch_dim]
     keep = 1.0 - p
-    mask = torch.empty(shape, dtype=torch.float32, device=x.device)
-    mask.bernoulli_(keep, generator=generator)
+    # Tensor ops with ``keep`` (not ``bernoulli_(keep)``): under torch.compile a changing rate
+    # becomes one symbolic input of the graph instead of a constant that recompiles each step.
+    noise = torch.rand(shape, dtype=torch.float32, device=x.device, generator=generator)
+    mask = (noise < keep).to(torch.float32)
     if scale_by_keep and keep > 0.0:
-        mask.div_(keep)
+        mask = mask / keep
     return mask.to(x.dtype)
 
 

@@ -17,9 +17,20 @@ Branch = Callable[[Tensor], Tensor]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _eager_only(fn: _F) -> _F:
-    """Run ``fn`` outside torch.compile graphs: a host-side draw with a data-dependent result."""
+def _eager(fn: _F) -> _F:
+    """Run ``fn`` and everything it calls eagerly under torch.compile: host-side draws and the
+    small index operations around them, whose data-dependent sizes would break a graph anyway."""
     return cast(_F, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
+
+
+def _host_side(fn: _F) -> _F:
+    """Run ``fn``'s own code eagerly under torch.compile; what it calls still compiles.
+
+    ``fn`` makes host-side decisions (random draws, what to run) whose values must not become
+    constants of a graph; the modules it calls (a branch, a shortcut) are compiled by dynamo as
+    frames of their own. One graph break at each call of ``fn``.
+    """
+    return cast(_F, torch.compiler.disable(fn, recursive=False))  # type: ignore[no-untyped-call]
 
 
 def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -29,7 +40,7 @@ def _host_generator(generator: torch.Generator | None) -> torch.Generator | None
     return None
 
 
-@_eager_only
+@_eager
 def _draw_gate(keep: float, generator: torch.Generator | None) -> bool:
     """One Bernoulli(keep) decision for batch mode, drawn on the host.
 
@@ -40,7 +51,7 @@ def _draw_gate(keep: float, generator: torch.Generator | None) -> bool:
     return bool(torch.rand((), generator=_host_generator(generator)) < keep)
 
 
-@_eager_only
+@_eager
 def _draw_rows(
     n: int, keep: float, device: torch.device, generator: torch.Generator | None
 ) -> Tensor:
@@ -144,6 +155,7 @@ def _needs_touch() -> bool:
     )
 
 
+@_eager
 def _skip(base: Tensor, branch: Branch) -> Tensor:
     """A step whose branch is dropped for every sample: ``base``, the branch never called."""
     if isinstance(branch, nn.Module) and _needs_touch():
@@ -257,6 +269,37 @@ def drop_add_residual(
         >>> torch.equal(drop_add_residual(x, branch, p=0.5, training=False), 3 * x)
         True
     """
+    if training and not (mode == "row" and strategy == "mask"):
+        # Decided on the host: the rate never enters a torch.compile graph (see _host_side).
+        return _skipping_add(
+            x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy, generator
+        )
+    dim, p = _check_args(x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy)
+    if not training or p == 0.0:
+        return _shortcut_of(x, shortcut) + branch(x)
+    if p == 1.0:
+        return _skip(_shortcut_of(x, shortcut), branch)
+    base, out = _common(_shortcut_of(x, shortcut), branch(x))
+    out_dim = dim if out.dim() == x.dim() else batch_dim % out.dim()
+    device_gen = generator if generator is not None and generator.device == out.device else None
+    mask = keep_mask(
+        out, p, mode="row", batch_dim=out_dim, scale_by_keep=scale_by_keep, generator=device_gen
+    )
+    return torch.addcmul(base, out, mask)
+
+
+def _check_args(
+    x: Any,
+    branch: Any,
+    p: Any,
+    shortcut: Any,
+    mode: Any,
+    batch_dim: Any,
+    scale_by_keep: Any,
+    strategy: Any,
+) -> tuple[int, float]:
+    """Check the arguments of ``drop_add_residual``; return ``batch_dim`` made non-negative and
+    ``p`` as a float."""
     dim = check_input(x, batch_dim)
     p = check_drop_args(p, mode, scale_by_keep)
     check_choice(strategy, "strategy", STRATEGIES)
@@ -264,43 +307,99 @@ def drop_add_residual(
         raise TypeError(f"branch must be callable, got {type(branch).__name__}")
     if shortcut is not None and not callable(shortcut):
         raise TypeError(f"shortcut must be callable or None, got {type(shortcut).__name__}")
+    return dim, p
 
-    def shortcut_of(t: Tensor) -> Tensor:
-        return t if shortcut is None else shortcut(t)
 
-    if not training or p == 0.0:
-        return shortcut_of(x) + branch(x)
+# Called from the host-side step, whose callees would otherwise compile (and guard on p).
+_check_args_on_host = _eager(_check_args)
+
+
+def _shortcut_of(x: Tensor, shortcut: Branch | None) -> Tensor:
+    return x if shortcut is None else shortcut(x)
+
+
+@_host_side
+def _skipping_add(
+    x: Tensor,
+    branch: Branch,
+    p: float,
+    shortcut: Branch | None,
+    mode: str,
+    batch_dim: int,
+    scale_by_keep: bool,
+    strategy: str,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Training step of batch mode and of row mode's ``subset`` and ``auto``: draw, then run the
+    branch on what is kept.
+
+    Under torch.compile this frame runs eagerly, so the rate and the draws never enter a graph (no
+    guard on ``p``, no recompilation when a schedule changes it), while ``branch`` and
+    ``shortcut`` compile, through ``_run``, as graphs of their own, with the batch dimension
+    dynamic from the first call: the full batch and every subset size share one graph.
+    """
+    dim, p = _check_args_on_host(x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy)
     keep = 1.0 - p
     if keep == 0.0:
-        return _skip(shortcut_of(x), branch)
+        return _skip(_run(shortcut, x, dim), branch)
     scale = 1.0 / keep if scale_by_keep else 1.0
-
-    if mode == "batch":
-        if not _draw_gate(keep, generator):
-            return _skip(shortcut_of(x), branch)
-        base, out = _common(shortcut_of(x), branch(x))
-        return torch.add(base, out, alpha=scale)
-
-    if strategy == "mask":
-        base, out = _common(shortcut_of(x), branch(x))
-        out_dim = dim if out.dim() == x.dim() else batch_dim % out.dim()
-        device_gen = generator if generator is not None and generator.device == out.device else None
-        mask = keep_mask(
-            out, p, mode="row", batch_dim=out_dim, scale_by_keep=scale_by_keep, generator=device_gen
-        )
-        return torch.addcmul(base, out, mask)
+    if mode == "batch" and not _draw_gate(keep, generator):
+        return _skip(_run(shortcut, x, dim), branch)
+    if mode == "batch" or p == 0.0:
+        return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale)
 
     n = x.shape[dim]
     idx = _draw_rows(n, keep, x.device, generator)
     k = idx.shape[0]
     if k == 0:
-        return _skip(shortcut_of(x), branch)
+        return _skip(_run(shortcut, x, dim), branch)
     if k == n:
-        base, out = _common(shortcut_of(x), branch(x))
-        return torch.add(base, out, alpha=scale)
+        return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale)
+    # one node hands x to the shortcut path and the kept rows to the branch
+    x_all, rows = _split(x, idx, dim)
+    return _scatter_add(_run(shortcut, x_all, dim), _run(branch, rows, dim), idx, dim, scale)
+
+
+@_host_side
+def _run(fn: Branch | None, x: Tensor, dim: int) -> Tensor:
+    """``fn(x)`` (``x`` if ``fn`` is None), called from the host-side step.
+
+    The batch dimension is marked dynamic first, so that under torch.compile every batch size
+    reuses one graph; then ``_call`` compiles as a frame of its own, with ``fn`` inlined.
+    """
+    if fn is None:
+        return x
+    torch._dynamo.maybe_mark_dynamic(x, dim)
+    return _call(fn, x)
+
+
+def _call(fn: Branch, x: Tensor) -> Tensor:
+    """Under torch.compile, one graph: ``fn`` inlined. A module's own ``forward`` would not start
+    a frame of its own, since dynamo skips torch's code (``nn.Sequential`` included)."""
+    return fn(x)
+
+
+@_eager
+def _add(base: Tensor, out: Tensor, scale: float) -> Tensor:
+    base, out = _common(base, out)
+    return torch.add(base, out, alpha=scale)
+
+
+@_eager
+def _split(x: Tensor, idx: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     x_all, rows = _Split.apply(x, idx, dim)  # type: ignore[no-untyped-call]
-    base, out = _common(shortcut_of(x_all), branch(_like_input(rows, x)))
-    _check_rows(out, base, dim, k)
+    return x_all, _like_input(rows, x)
+
+
+@_eager
+def _gather(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    return _like_input(x.index_select(dim, idx), x)
+
+
+@_eager
+def _scatter_add(base: Tensor, out: Tensor, idx: Tensor, dim: int, scale: float) -> Tensor:
+    _check_rows(out, base, dim, idx.shape[0])
+    base, out = _common(base, out)
     result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale)  # type: ignore[no-untyped-call]
     return result
 
