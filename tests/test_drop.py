@@ -352,19 +352,44 @@ class TestGraphCapture:
         r = rows(y)
         assert (((r == 0).all(1)) | torch.isclose(r, 2 * x).all(1)).all()
 
-    def test_fx_symbolic_trace(self):
-        # Tracing records drop_path as one call with the settings of the traced moment.
+    def test_fx_submodule_is_one_node_that_follows_train_and_eval(self):
         m = Net().train()
         gm = torch.fx.symbolic_trace(m)
-        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is drop_path]
-        assert len(calls) == 1
+        nodes = [
+            (n.op, n.target) for n in gm.graph.nodes if n.op in ("call_module", "call_function")
+        ]
+        assert ("call_module", "drop") in nodes
+        assert not [t for op, t in nodes if op == "call_function" and t is drop_path]
         x = torch.randn(64, 8) + 10
-        branch = gm(x) - x
-        expected = 2 * m.lin(x)
-        r = rows(branch.detach())
-        assert (((r == 0).all(1)) | torch.isclose(r, expected.detach(), atol=1e-5).all(1)).all()
-        gm_eval = torch.fx.symbolic_trace(m.eval())
-        torch.testing.assert_close(gm_eval(x), m(x))
+        expected = 2 * m.lin(x).detach()
+        r = rows((gm(x) - x).detach())
+        dropped, kept = (r == 0).all(1), torch.isclose(r, expected, atol=1e-5).all(1)
+        assert (dropped | kept).all() and dropped.any() and kept.any()
+        gm.eval()  # traced in training mode, run in eval: no drop, as nn.Dropout
+        torch.testing.assert_close(gm(x), m.eval()(x), rtol=0, atol=0)
+        gm.drop.p = 1.0  # the node is the live module: its settings still apply
+        gm.train()
+        torch.testing.assert_close(gm(x), x, rtol=0, atol=0)
+
+    def test_fx_root_follows_train_and_eval(self):
+        gm = torch.fx.symbolic_trace(DropPath(0.5).train())
+        x = torch.rand(64, 8) + 1
+        assert gm.eval()(x) is x
+        r = rows(gm.train()(x))
+        dropped, kept = (r == 0).all(1), torch.isclose(r, 2 * x).all(1)
+        assert (dropped | kept).all() and dropped.any() and kept.any()
+
+    def test_fx_user_code_calling_drop_path(self):
+        class UserNet(nn.Module):
+            def forward(self, x):
+                return x + drop_path(x, 0.5, self.training)
+
+        gm = torch.fx.symbolic_trace(UserNet().train())
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is drop_path]
+        assert len(calls) == 1 and calls[0].args[1:] == (0.5, True)
+        x = torch.rand(64, 8) + 1
+        r = rows(gm(x) - x)
+        assert ((r == 0).all(1) | torch.isclose(r, 2 * x).all(1)).all()
 
     def test_export_eval_has_no_random_op(self):
         m = Net().eval()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from conftest import binom_pvalue
-from droppath import DropPath, DropRateScheduler, Residual, drop_add_residual
+from droppath import DropPath, DropRateScheduler, Residual, drop_add_residual, drop_path
 
 STRATEGIES = ["auto", "subset", "mask"]
 
@@ -358,6 +358,48 @@ class TestCompile:
         with torch.no_grad():
             dropped, kept = row_outcomes(out, x, block.branch(x), 2.0)
         assert (dropped ^ kept).all() and dropped.any() and kept.any()
+
+
+class TestFX:
+    def test_submodule_is_one_node_that_still_skips(self):
+        branch = Recorder()
+        model = nn.Sequential(nn.Linear(4, 4), Residual(branch, p=0.5))
+        gm = torch.fx.symbolic_trace(model.train())
+        assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+        branch.calls.clear()
+        x = torch.randn(64, 4)
+        gm(x)
+        assert 0 < branch.calls[-1] < 64  # the traced model runs the branch on the kept rows
+        gm.eval()  # traced in training mode, run in eval: the plain residual, as nn.Dropout
+        h = model[0](x)
+        torch.testing.assert_close(gm(x), h + branch(h), rtol=0, atol=0)
+        assert set(gm.state_dict()) == set(model.state_dict())
+
+    def test_root_follows_train_and_eval(self):
+        block = Residual(nn.Linear(4, 4), p=0.5)
+        gm = torch.fx.symbolic_trace(block.train())
+        x = torch.randn(64, 4)
+        expected = x + block.branch(x)
+        torch.testing.assert_close(gm.eval()(x), expected, rtol=0, atol=0)
+        out = gm.train()(x)
+        dropped, kept = row_outcomes(out, x, block.branch(x), 2.0)
+        assert (dropped ^ kept).all() and dropped.any() and kept.any()
+
+    def test_user_code_calling_drop_add_residual(self):
+        class UserNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 4)
+
+            def forward(self, x):
+                y = drop_add_residual(x, self.lin, 0.5, self.training)  # a submodule: one node
+                return drop_add_residual(y, lambda t: 2 * t, 0.5, self.training)  # traced into
+
+        net = UserNet().train()
+        gm = torch.fx.symbolic_trace(net)
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count(drop_add_residual) == 1 and drop_path in targets
+        assert gm(torch.randn(8, 4)).shape == (8, 4)
 
 
 class TestBadArguments:

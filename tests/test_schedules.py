@@ -131,28 +131,6 @@ class TestConvert:
         new = convert(m)
         assert isinstance(new, DropPath) and new.scale_by_keep is False and not new.training
 
-    def test_real_timm(self):
-        timm_layers = pytest.importorskip("timm.layers")
-        model = nn.Sequential(timm_layers.DropPath(0.1))
-        convert(model)
-        assert isinstance(model[0], DropPath) and model[0].p == 0.1
-
-    def test_real_torchvision(self):
-        ops = pytest.importorskip("torchvision.ops")
-        model = nn.Sequential(ops.StochasticDepth(0.1, "row"))
-        assert [n for n, _ in drop_path_sites(model)] == ["0"]
-        convert(model)
-        assert isinstance(model[0], DropPath) and model[0].p == 0.1
-
-    def test_real_transformers(self):
-        hf = pytest.importorskip("transformers.models.convnext.modeling_convnext")
-        model = nn.Sequential(hf.ConvNextDropPath(0.1))
-        assert [n for n, _ in drop_path_sites(model)] == ["0"]
-        set_drop_rates(model, [0.3])
-        assert model[0].drop_prob == 0.3
-        convert(model)
-        assert isinstance(model[0], DropPath) and model[0].p == 0.3
-
 
 def _model(n=4):
     return nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(n)])

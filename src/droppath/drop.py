@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +16,7 @@ from droppath._checks import (
     check_int,
     check_probability,
 )
+from droppath._fx import function_node, is_proxy, module_node
 
 __all__ = ["DropPath", "drop_path"]
 
@@ -95,6 +98,12 @@ def drop_path(
         >>> drop_path(x, p=0.5, training=False) is x
         True
     """
+    if is_proxy(x):
+        if generator is not None:
+            raise ValueError("generator must be None when tracing with torch.fx, got a Generator")
+        return function_node(
+            drop_path, x, p, training, mode=mode, batch_dim=batch_dim, scale_by_keep=scale_by_keep
+        )
     dim = check_input(x, batch_dim)
     p = check_drop_args(p, mode, scale_by_keep)
     if not training or p == 0.0:
@@ -103,11 +112,6 @@ def drop_path(
         x, p, mode=mode, batch_dim=dim, scale_by_keep=scale_by_keep, generator=generator
     )
     return x * mask
-
-
-# Record calls to drop_path as one node in torch.fx graphs: its argument checks look at the
-# input's rank and dtype, which a symbolic tracer cannot answer.
-torch.fx.wrap("drop_path")
 
 
 class _DropBase(nn.Module):
@@ -169,10 +173,15 @@ class DropPath(_DropBase):
         super().__init__(p, mode, batch_dim, scale_by_keep)
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx
+            return module_node(self, x, lambda training: self._call(x, training))
+        return self._call(x, self.training)
+
+    def _call(self, x: Tensor, training: Any) -> Tensor:
         return drop_path(
             x,
             self.p,
-            self.training,
+            training,
             mode=self.mode,
             batch_dim=self.batch_dim,
             scale_by_keep=self.scale_by_keep,

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from droppath._checks import STRATEGIES, check_choice, check_drop_args, check_input
-from droppath.drop import _DropBase, keep_mask
+from droppath._fx import function_node, is_proxy, module_node, module_reference
+from droppath.drop import _DropBase, drop_path, keep_mask
 
 __all__ = ["Residual", "drop_add_residual"]
 
@@ -269,6 +270,8 @@ def drop_add_residual(
         >>> torch.equal(drop_add_residual(x, branch, p=0.5, training=False), 3 * x)
         True
     """
+    if is_proxy(x):  # torch.fx: one node, see droppath._fx
+        return _fx_node(x, branch, p, training, shortcut, mode, batch_dim, scale_by_keep, strategy)
     if training and not (mode == "row" and strategy == "mask"):
         # Decided on the host: the rate never enters a torch.compile graph (see _host_side).
         return _skipping_add(
@@ -286,6 +289,40 @@ def drop_add_residual(
         out, p, mode="row", batch_dim=out_dim, scale_by_keep=scale_by_keep, generator=device_gen
     )
     return torch.addcmul(base, out, mask)
+
+
+def _fx_node(
+    x: Any,
+    branch: Branch,
+    p: float,
+    training: Any,
+    shortcut: Branch | None,
+    mode: str,
+    batch_dim: int,
+    scale_by_keep: bool,
+    strategy: str,
+) -> Any:
+    """``drop_add_residual`` on a ``torch.fx`` proxy: one node when the branch (and shortcut) are
+    submodules of the traced model, else the traced branch followed by ``drop_path``."""
+    branch_ref = module_reference(x, branch) if isinstance(branch, nn.Module) else None
+    shortcut_ref = module_reference(x, shortcut) if isinstance(shortcut, nn.Module) else None
+    if branch_ref is not None and (shortcut is None or shortcut_ref is not None):
+        return function_node(
+            drop_add_residual,
+            x,
+            branch_ref,
+            p,
+            training,
+            shortcut=shortcut_ref,
+            mode=mode,
+            batch_dim=batch_dim,
+            scale_by_keep=scale_by_keep,
+            strategy=strategy,
+        )
+    drop = drop_path(
+        branch(x), p, training, mode=mode, batch_dim=batch_dim, scale_by_keep=scale_by_keep
+    )
+    return _shortcut_of(x, shortcut) + drop
 
 
 def _check_args(
@@ -458,11 +495,16 @@ class Residual(_DropBase):
         self.strategy = check_choice(strategy, "strategy", STRATEGIES)
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx
+            return module_node(self, x, lambda training: self._call(x, training))
+        return self._call(x, self.training)
+
+    def _call(self, x: Tensor, training: Any) -> Tensor:
         return drop_add_residual(
             x,
             self.branch,
             self.p,
-            self.training,
+            training,
             shortcut=self.shortcut,
             mode=self.mode,
             batch_dim=self.batch_dim,
