@@ -30,21 +30,23 @@ def is_proxy(x: object) -> bool:
     return isinstance(x, fx.Proxy)
 
 
-def _path(tracer: fx.Tracer, module: nn.Module) -> str | None:
+def _path(tracer: Any, module: nn.Module) -> str | None:
     """The qualified name of ``module`` in the traced root (``""`` for the root), or None."""
     try:
-        return tracer.path_of_module(module)
+        path: str = tracer.path_of_module(module)
+        return path
     except NameError:
         return None
 
 
-def function_node(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Proxy:
+# Proxies stand in for tensors in the code being traced: these helpers take and return Any.
+def function_node(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Record ``fn(*args, **kwargs)`` as one node of the graph that ``args[0]`` belongs to."""
     proxy: fx.Proxy = args[0]
     return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
 
 
-def module_reference(x: fx.Proxy, module: nn.Module | None) -> fx.Proxy | None:
+def module_reference(x: Any, module: nn.Module | None) -> Any:
     """A ``get_attr`` node for a submodule of the traced root, or None if it is not one."""
     if module is None:
         return None
@@ -54,9 +56,7 @@ def module_reference(x: fx.Proxy, module: nn.Module | None) -> fx.Proxy | None:
     return x.tracer.create_proxy("get_attr", path, (), {})
 
 
-def module_node(
-    module: nn.Module, x: fx.Proxy, root_call: Callable[[fx.Proxy], fx.Proxy]
-) -> fx.Proxy:
+def module_node(module: nn.Module, x: Any, root_call: Callable[[Any], Any]) -> Any:
     """Record a call of ``module`` on ``x``: a ``call_module`` node, or, when ``module`` is the
     traced root, ``root_call(training)`` with ``training`` read from the ``GraphModule``."""
     tracer = x.tracer

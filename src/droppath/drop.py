@@ -101,9 +101,10 @@ def drop_path(
     if is_proxy(x):
         if generator is not None:
             raise ValueError("generator must be None when tracing with torch.fx, got a Generator")
-        return function_node(
+        node: Tensor = function_node(
             drop_path, x, p, training, mode=mode, batch_dim=batch_dim, scale_by_keep=scale_by_keep
         )
+        return node
     dim = check_input(x, batch_dim)
     p = check_drop_args(p, mode, scale_by_keep)
     if not training or p == 0.0:
@@ -174,7 +175,8 @@ class DropPath(_DropBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx
-            return module_node(self, x, lambda training: self._call(x, training))
+            node: Tensor = module_node(self, x, lambda training: self._call(x, training))
+            return node
         return self._call(x, self.training)
 
     def _call(self, x: Tensor, training: Any) -> Tensor:

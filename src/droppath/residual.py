@@ -271,7 +271,10 @@ def drop_add_residual(
         True
     """
     if is_proxy(x):  # torch.fx: one node, see droppath._fx
-        return _fx_node(x, branch, p, training, shortcut, mode, batch_dim, scale_by_keep, strategy)
+        node: Tensor = _fx_node(
+            x, branch, p, training, shortcut, mode, batch_dim, scale_by_keep, strategy
+        )
+        return node
     if training and not (mode == "row" and strategy == "mask"):
         # Decided on the host: the rate never enters a torch.compile graph (see _host_side).
         return _skipping_add(
@@ -496,7 +499,8 @@ class Residual(_DropBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx
-            return module_node(self, x, lambda training: self._call(x, training))
+            node: Tensor = module_node(self, x, lambda training: self._call(x, training))
+            return node
         return self._call(x, self.training)
 
     def _call(self, x: Tensor, training: Any) -> Tensor:
