@@ -623,3 +623,41 @@ def test_property_rows_are_base_or_scaled_branch(shape, data, p, mode, strategy)
         assert kept.all()
     if mode == "batch":
         assert dropped.all() or kept.all()
+
+
+class TestBucket:
+    @pytest.mark.parametrize("bucket", [1, 4, 5, 16])
+    def test_branch_sizes_are_multiples_and_result_is_exact(self, bucket):
+        torch.manual_seed(0)
+        branch = Recorder()
+        x = torch.randn(16, 4, requires_grad=True)
+        sizes = set()
+        for seed in range(30):
+            gen = torch.Generator().manual_seed(seed)
+            out = drop_add_residual(x, branch, 0.5, bucket=bucket, generator=gen)
+            ref = drop_add_residual(x, branch, 0.5, generator=torch.Generator().manual_seed(seed))
+            ran = branch.calls[-2]
+            assert ran == 16 or ran % bucket == 0, (ran, bucket)
+            sizes.add(ran)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)  # same draw, same result
+            g_out = torch.autograd.grad(out.sum(), x)[0]
+            g_ref = torch.autograd.grad(ref.sum(), x)[0]
+            torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-6)
+        assert len(sizes) <= -(-16 // bucket) + 1
+
+    def test_keep_rate_unchanged(self):
+        x = torch.zeros(64, 1)
+        kept = 0
+        for _ in range(40):
+            out = drop_add_residual(x, lambda t: torch.ones_like(t), 0.3, bucket=8)
+            kept += int((out != 0).sum())
+        assert binom_pvalue(kept, 64 * 40, 0.7) > 1e-4
+
+    def test_module_and_bad_values(self):
+        block = Residual(nn.Linear(4, 4), 0.5, bucket=8)
+        assert "bucket=8" in repr(block) and block(torch.randn(16, 4)).shape == (16, 4)
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match=r"bucket must be None or an int >= 1, got"):
+                Residual(nn.Linear(4, 4), bucket=bad)
+            with pytest.raises(ValueError, match=r"bucket must be None or an int >= 1, got"):
+                drop_add_residual(torch.randn(4, 4), nn.Linear(4, 4), 0.5, bucket=bad)

@@ -57,6 +57,15 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return number
 
 
+def check_bucket(bucket: Any) -> int | None:
+    """``None``, or the positive int that row-subset batch sizes are rounded up to a multiple of."""
+    if bucket is None:
+        return None
+    if isinstance(bucket, bool) or not isinstance(bucket, numbers.Integral) or bucket < 1:
+        raise ValueError(f"bucket must be None or an int >= 1, got {bucket!r}")
+    return int(bucket)
+
+
 def check_input(x: Any, batch_dim: int, name: str = "x") -> int:
     """Check a tensor argument and return ``batch_dim`` made non-negative."""
     if not isinstance(x, torch.Tensor):

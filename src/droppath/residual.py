@@ -8,7 +8,13 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from droppath._checks import STRATEGIES, check_choice, check_drop_args, check_input
+from droppath._checks import (
+    STRATEGIES,
+    check_bucket,
+    check_choice,
+    check_drop_args,
+    check_input,
+)
 from droppath._fx import function_node, is_proxy, module_node, module_reference
 from droppath.drop import _DropBase, drop_path, keep_mask
 
@@ -54,21 +60,33 @@ def _draw_gate(keep: float, generator: torch.Generator | None) -> bool:
 
 @_eager
 def _draw_rows(
-    n: int, keep: float, device: torch.device, generator: torch.Generator | None
-) -> Tensor:
-    """The indices of the kept samples: an independent Bernoulli(keep) draw per sample, on the host.
+    n: int, keep: float, device: torch.device, generator: torch.Generator | None, bucket: int | None
+) -> tuple[Tensor, Tensor]:
+    """The kept samples: an independent Bernoulli(keep) draw per sample, on the host.
 
     Independent draws make every sample's keep probability exactly ``keep`` at every batch size
     (a fixed subset size ``round(n * keep)`` would not). The count of kept samples is known on the
     host before the branch runs, so choosing what to run needs no device synchronization.
+
+    Returns the indices of the kept samples, and those of the samples to run: the kept ones,
+    followed, with ``bucket``, by as many dropped ones as it takes to make their count a multiple
+    of ``bucket`` (or ``n``).
     """
     kept = torch.rand(n, generator=_host_generator(generator)) < keep
     idx = kept.nonzero().squeeze(1)
+    run = idx
+    k = idx.shape[0]
+    if bucket is not None and 0 < k < n:
+        size = min(n, -(-k // bucket) * bucket)
+        if size > k:
+            run = torch.cat([idx, (~kept).nonzero().squeeze(1)[: size - k]])
     if device.type == "cpu":
-        return idx
+        return idx, run
+    both = torch.cat([idx, run])
     if device.type == "cuda":
-        idx = idx.pin_memory()
-    return idx.to(device, non_blocking=True)
+        both = both.pin_memory()
+    both = both.to(device, non_blocking=True)
+    return both[:k], both[k:]
 
 
 class _TouchParams(torch.autograd.Function):
@@ -208,6 +226,7 @@ def drop_add_residual(
     batch_dim: int = 0,
     scale_by_keep: bool = True,
     strategy: str = "auto",
+    bucket: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Compute ``base + drop_path(branch(x))`` without computing what is dropped.
@@ -248,6 +267,11 @@ def drop_add_residual(
         scale_by_keep: multiply the kept branch output by ``1 / (1 - p)``. Default: True.
         strategy: ``"auto"``, ``"subset"`` or ``"mask"``, how row mode spends compute (above).
             Ignored in batch mode. Default: ``"auto"``.
+        bucket: row mode's subset: round the number of rows the branch runs on up to a multiple
+            of ``bucket`` (or the batch size) by adding dropped rows, whose outputs are
+            discarded. The draws and the result are unchanged for branches that treat samples
+            independently; the branch sees at most ``ceil(n / bucket)`` batch sizes, which
+            CUDA graphs (``torch.compile(mode="reduce-overhead")``) need. Default: None.
         generator: the random generator for the decisions. Default: None (the global ones).
 
     Shape:
@@ -272,15 +296,15 @@ def drop_add_residual(
     """
     if is_proxy(x):  # torch.fx: one node, see droppath._fx
         node: Tensor = _fx_node(
-            x, branch, p, training, shortcut, mode, batch_dim, scale_by_keep, strategy
+            x, branch, p, training, shortcut, mode, batch_dim, scale_by_keep, strategy, bucket
         )
         return node
     if training and not (mode == "row" and strategy == "mask"):
         # Decided on the host: the rate never enters a torch.compile graph (see _host_side).
         return _skipping_add(
-            x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy, generator
+            x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy, bucket, generator
         )
-    dim, p = _check_args(x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy)
+    dim, p = _check_args(x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy, bucket)
     if not training or p == 0.0:
         return _shortcut_of(x, shortcut) + branch(x)
     if p == 1.0:
@@ -304,6 +328,7 @@ def _fx_node(
     batch_dim: int,
     scale_by_keep: bool,
     strategy: str,
+    bucket: int | None,
 ) -> Any:
     """``drop_add_residual`` on a ``torch.fx`` proxy: one node when the branch (and shortcut) are
     submodules of the traced model, else the traced branch followed by ``drop_path``."""
@@ -321,6 +346,7 @@ def _fx_node(
             batch_dim=batch_dim,
             scale_by_keep=scale_by_keep,
             strategy=strategy,
+            bucket=bucket,
         )
     drop = drop_path(
         branch(x), p, training, mode=mode, batch_dim=batch_dim, scale_by_keep=scale_by_keep
@@ -337,12 +363,14 @@ def _check_args(
     batch_dim: Any,
     scale_by_keep: Any,
     strategy: Any,
+    bucket: Any,
 ) -> tuple[int, float]:
     """Check the arguments of ``drop_add_residual``; return ``batch_dim`` made non-negative and
     ``p`` as a float."""
     dim = check_input(x, batch_dim)
     p = check_drop_args(p, mode, scale_by_keep)
     check_choice(strategy, "strategy", STRATEGIES)
+    check_bucket(bucket)
     if not callable(branch):
         raise TypeError(f"branch must be callable, got {type(branch).__name__}")
     if shortcut is not None and not callable(shortcut):
@@ -368,6 +396,7 @@ def _skipping_add(
     batch_dim: int,
     scale_by_keep: bool,
     strategy: str,
+    bucket: int | None,
     generator: torch.Generator | None,
 ) -> Tensor:
     """Training step of batch mode and of row mode's ``subset`` and ``auto``: draw, then run the
@@ -378,7 +407,9 @@ def _skipping_add(
     ``shortcut`` compile, through ``_run``, as graphs of their own, with the batch dimension
     dynamic from the first call: the full batch and every subset size share one graph.
     """
-    dim, p = _check_args_on_host(x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy)
+    dim, p = _check_args_on_host(
+        x, branch, p, shortcut, mode, batch_dim, scale_by_keep, strategy, bucket
+    )
     keep = 1.0 - p
     if keep == 0.0:
         return _skip(_run(shortcut, x, dim), branch)
@@ -389,14 +420,14 @@ def _skipping_add(
         return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale)
 
     n = x.shape[dim]
-    idx = _draw_rows(n, keep, x.device, generator)
+    idx, run = _draw_rows(n, keep, x.device, generator, bucket)
     k = idx.shape[0]
     if k == 0:
         return _skip(_run(shortcut, x, dim), branch)
     if k == n:
         return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale)
-    # one node hands x to the shortcut path and the kept rows to the branch
-    x_all, rows = _split(x, idx, dim)
+    # one node hands x to the shortcut path and the rows to run to the branch
+    x_all, rows = _split(x, run, dim)
     return _scatter_add(_run(shortcut, x_all, dim), _run(branch, rows, dim), idx, dim, scale)
 
 
@@ -438,7 +469,12 @@ def _gather(x: Tensor, idx: Tensor, dim: int) -> Tensor:
 
 @_eager
 def _scatter_add(base: Tensor, out: Tensor, idx: Tensor, dim: int, scale: float) -> Tensor:
-    _check_rows(out, base, dim, idx.shape[0])
+    """``base`` plus ``scale`` times the first ``len(idx)`` rows of ``out`` at rows ``idx``; the
+    rest of ``out`` (rows run only to fill a bucket) is discarded."""
+    k = idx.shape[0]
+    if out.dim() == base.dim() and out.shape[dim] > k:
+        out = out.narrow(dim, 0, k)
+    _check_rows(out, base, dim, k)
     base, out = _common(base, out)
     result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale)  # type: ignore[no-untyped-call]
     return result
@@ -458,9 +494,11 @@ class Residual(_DropBase):
         batch_dim: the dimension that indexes samples. Default: 0.
         scale_by_keep: multiply the kept branch output by ``1 / (1 - p)``. Default: True.
         strategy: ``"auto"``, ``"subset"`` or ``"mask"``. Default: ``"auto"``.
+        bucket: round subset batch sizes up to a multiple of ``bucket``. Default: None.
 
-    ``p``, ``mode``, ``batch_dim``, ``scale_by_keep`` and ``strategy`` are plain attributes that may
-    be changed between steps; the state dict holds only ``branch.*`` and ``shortcut.*`` entries.
+    ``p``, ``mode``, ``batch_dim``, ``scale_by_keep``, ``strategy`` and ``bucket`` are plain
+    attributes that may be changed between steps; the state dict holds only ``branch.*`` and
+    ``shortcut.*`` entries.
 
     Shape:
         - Input: :math:`(*)`, with the batch at ``batch_dim``.
@@ -487,6 +525,7 @@ class Residual(_DropBase):
         batch_dim: int = 0,
         scale_by_keep: bool = True,
         strategy: str = "auto",
+        bucket: int | None = None,
     ) -> None:
         super().__init__(p, mode, batch_dim, scale_by_keep)
         if not isinstance(branch, nn.Module):
@@ -496,6 +535,7 @@ class Residual(_DropBase):
         self.branch = branch
         self.shortcut = shortcut
         self.strategy = check_choice(strategy, "strategy", STRATEGIES)
+        self.bucket = check_bucket(bucket)
 
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx
@@ -514,7 +554,9 @@ class Residual(_DropBase):
             batch_dim=self.batch_dim,
             scale_by_keep=self.scale_by_keep,
             strategy=self.strategy,
+            bucket=self.bucket,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, strategy={self.strategy!r}"
+        bucket = "" if self.bucket is None else f", bucket={self.bucket}"
+        return f"{super().extra_repr()}, strategy={self.strategy!r}{bucket}"
