@@ -15,21 +15,21 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from droppath._checks import check_choice, check_positive_int, check_probability
+from droppath._checks import check_bucket, check_choice, check_positive_int, check_probability
 from droppath._progress import Progress
 from droppath.models.resnet import CifarResNet
-from droppath.models.vit import _Attention, _mlp
+from droppath.models.vit import SmallViT, _Attention, _mlp
 from droppath.residual import Residual
 from droppath.schedules import depth_rates
 
 __all__ = ["BenchConfig", "format_table", "run_bench"]
 
-KINDS = ("mlp", "attn", "conv")
+KINDS = ("mlp", "attn", "conv", "vit")
 RULES = ("uniform", "linear")
 
 
@@ -81,6 +81,8 @@ class BenchConfig:
     warmup: int = 3
     threads: int | None = None
     seed: int = 0
+    compile: bool = False
+    bucket: int | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.kind, "kind", KINDS)
@@ -88,7 +90,7 @@ class BenchConfig:
         check_choice(self.mode, "mode", ("row", "batch"))
         self.p = check_probability(self.p)
         if self.depth is None:
-            self.depth = 54 if self.kind == "conv" else 12
+            self.depth = {"conv": 54, "vit": 6}.get(self.kind, 12)
         if self.width is None:
             self.width = 16 if self.kind == "conv" else 192
         self.depth = check_positive_int(self.depth, "depth")
@@ -99,11 +101,13 @@ class BenchConfig:
         self.tokens = check_positive_int(self.tokens, "tokens")
         self.reps = check_positive_int(self.reps, "reps")
         self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
+        self.bucket = check_bucket(self.bucket)
 
 
 @dataclass
 class VariantResult:
     name: str
+    variant: dict[str, Any]
     step_ms: float
     ratio: float
     memory_mb: float
@@ -125,6 +129,13 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
             block.p = rate
         x = torch.randn(cfg.batch, 3, 32, 32)
         return model, x
+    if cfg.kind == "vit":  # a small ViT on 32x32 images: patch 4, 64 tokens + class token
+        heads = max(1, width // 64)
+        vit = SmallViT(dim=width, depth=cfg.depth or 1, heads=heads, p=cfg.p, rule=cfg.rule)
+        for site in vit.modules():
+            if isinstance(site, Residual):
+                site.mode = cfg.mode
+        return vit, torch.randn(cfg.batch, 3, 32, 32)
     heads = max(1, width // 64)
     make: Callable[[], nn.Module]
     if cfg.kind == "mlp":
@@ -135,8 +146,34 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
     return model, torch.randn(cfg.batch, cfg.tokens, width)
 
 
-def _variant(model: nn.Module, name: str) -> nn.Module:
-    """A copy of ``model`` whose ``Residual`` blocks compute as variant ``name``.
+@dataclass(frozen=True)
+class Variant:
+    """One way to compute the residual stack: a label for the table and what it means."""
+
+    label: str
+    kind: str  # "plain", "mask-multiply" or "residual"
+    strategy: str = "auto"
+    p_zero: bool = False  # Residual with every rate set to 0: its overhead when nothing drops
+    bucket: int | None = None
+
+
+def variants(mode: str, bucket: int | None = None) -> list[Variant]:
+    """The variants a bench run compares, the baseline first."""
+    out = [Variant("plain", "plain"), Variant("mask-multiply", "mask-multiply")]
+    if mode == "batch":
+        out.append(Variant("Residual", "residual"))
+    else:
+        out += [
+            Variant(f"Residual {s}", "residual", strategy=s) for s in ("mask", "subset", "auto")
+        ]
+        if bucket is not None:
+            out.append(Variant(f"Residual bucket={bucket}", "residual", "subset", bucket=bucket))
+    out.append(Variant("Residual p=0", "residual", p_zero=True))
+    return out
+
+
+def _variant(model: nn.Module, variant: Variant) -> nn.Module:
+    """A copy of ``model`` whose ``Residual`` blocks compute as ``variant``.
 
     The copy shares the parameters and buffers of ``model``: every variant computes with the same
     tensors in memory, so none is favoured by where its weights happen to lie.
@@ -147,28 +184,15 @@ def _variant(model: nn.Module, name: str) -> nn.Module:
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, Residual):
                 continue
-            if name == "plain":
+            if variant.kind == "plain":
                 setattr(parent, child_name, PlainResidual(child))
-            elif name == "mask-multiply":
+            elif variant.kind == "mask-multiply":
                 setattr(parent, child_name, MaskMultiplyResidual(child))
-            elif name == "Residual p=0":
-                child.p = 0.0
             else:
-                child.strategy = name.split()[-1] if " " in name else "auto"
+                child.strategy, child.bucket = variant.strategy, variant.bucket
+                if variant.p_zero:
+                    child.p = 0.0
     return out
-
-
-def _variant_names(mode: str) -> list[str]:
-    if mode == "batch":
-        return ["plain", "mask-multiply", "Residual", "Residual p=0"]
-    return [
-        "plain",
-        "mask-multiply",
-        "Residual mask",
-        "Residual subset",
-        "Residual auto",
-        "Residual p=0",
-    ]
 
 
 def _step(model: nn.Module, x: Tensor) -> None:
@@ -217,6 +241,23 @@ def _peak_memory(model: nn.Module, x: Tensor, reps: int) -> float:
     return statistics.median(values) / 2**20
 
 
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds that ``fn`` takes: CUDA events on a GPU (the device's own clock, no host timing of
+    queued work), ``time.perf_counter`` on a CPU."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _paired_ratio(times: list[float], baseline: list[float]) -> float:
     """The median over repetitions of ``times[r] / baseline[r]``.
 
@@ -254,56 +295,54 @@ def run_bench(
     if cfg.kind == "conv" and dev.type == "cuda":  # cuDNN's fast layout; on CPUs, NCHW
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
-    names = _variant_names(cfg.mode)
-    models = {name: _variant(base, name).train() for name in names}
-    eval_models = {"plain": models["plain"], "Residual": models[names[-2]]}
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    order = variants(cfg.mode, cfg.bucket)
+    names = [v.label for v in order]
+    models = {v.label: _variant(base, v).train() for v in order}
+    residual = next(v.label for v in order if v.kind == "residual" and v.strategy == "auto")
+    eval_labels = {"plain": "plain", "Residual": residual}
+    if cfg.compile:
+        torch._dynamo.reset()
+        runners = {n: cast(nn.Module, torch.compile(m)) for n, m in models.items()}
+    else:
+        runners = dict(models)
 
     times: dict[str, list[float]] = {name: [] for name in names}
-    eval_times: dict[str, list[float]] = {name: [] for name in eval_models}
+    eval_times: dict[str, list[float]] = {name: [] for name in eval_labels}
     bar = Progress((cfg.warmup + cfg.reps) * (len(names) + 2), "bench") if progress else None
     for rep in range(cfg.warmup + cfg.reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:  # rotate: no variant always runs first
-            sync()
-            t0 = time.perf_counter()
-            _step(models[name], x)
-            sync()
+            seconds = _timed(lambda: _step(runners[name], x), dev)  # noqa: B023
             if rep >= cfg.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
             if bar:
                 bar.update(1)
-        for name, m in eval_models.items():
-            m.eval()
-            sync()
-            t0 = time.perf_counter()
-            _eval_step(m, x)
-            sync()
-            m.train()
+        for name, label in eval_labels.items():
+            models[label].eval()
+            seconds = _timed(lambda: _eval_step(runners[label], x), dev)  # noqa: B023
+            models[label].train()
             if rep >= cfg.warmup:
-                eval_times[name].append(time.perf_counter() - t0)
+                eval_times[name].append(seconds)
             if bar:
                 bar.update(1)
     if bar:
         bar.close()
 
-    memory = {name: _peak_memory(models[name], x, 3) for name in names}
+    memory = {name: _peak_memory(runners[name], x, 3) for name in names}
     mm_mem = memory["mask-multiply"]
     results = [
         asdict(
             VariantResult(
-                name=name,
-                step_ms=1e3 * statistics.median(t),
-                ratio=_paired_ratio(t, times["plain"]),
-                memory_mb=memory[name],
-                memory_ratio_to_mask_multiply=memory[name] / mm_mem if mm_mem else float("nan"),
-                times_ms=[1e3 * v for v in t],
+                name=v.label,
+                variant=asdict(v),
+                step_ms=1e3 * statistics.median(times[v.label]),
+                ratio=_paired_ratio(times[v.label], times["plain"]),
+                memory_mb=memory[v.label],
+                memory_ratio_to_mask_multiply=memory[v.label] / mm_mem if mm_mem else float("nan"),
+                times_ms=[1e3 * s for s in times[v.label]],
             )
         )
-        for name, t in times.items()
+        for v in order
     ]
     eval_plain = statistics.median(eval_times["plain"])
     eval_res = statistics.median(eval_times["Residual"])

@@ -44,12 +44,17 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "mask-multiply drop path of timm/torchvision, and droppath.Residual with each strategy, "
         "interleaved in one process; print medians and ratios.",
     )
-    p.add_argument("--kind", default="mlp", help="block kind: mlp, attn or conv (default: mlp)")
+    p.add_argument(
+        "--kind",
+        default="mlp",
+        help="mlp or attn (a stack of transformer branches), conv (the CIFAR ResNet trunk) or vit "
+        "(a small ViT on 32x32 images) (default: mlp)",
+    )
     p.add_argument(
         "--depth",
         type=int,
         default=None,
-        help="residual blocks (default: 12; 54 for conv, ResNet-110's trunk)",
+        help="residual blocks (default: 12; 54 for conv, ResNet-110's trunk; 6 ViT blocks)",
     )
     p.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
     p.add_argument(
@@ -68,6 +73,15 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--compile", action="store_true", help="time every variant under torch.compile (default)"
+    )
+    p.add_argument(
+        "--bucket",
+        type=int,
+        default=None,
+        help="also time row subset with batch sizes padded to a multiple of BUCKET",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

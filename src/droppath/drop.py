@@ -42,7 +42,10 @@ def keep_mask(
     keep = 1.0 - p
     # Tensor ops with ``keep`` (not ``bernoulli_(keep)``): under torch.compile a changing rate
     # becomes one symbolic input of the graph instead of a constant that recompiles each step.
-    noise = torch.rand(shape, dtype=torch.float32, device=x.device, generator=generator)
+    if generator is None:  # rand(generator=None) fails on symbolic shapes under torch.compile
+        noise = torch.rand(shape, dtype=torch.float32, device=x.device)
+    else:
+        noise = torch.rand(shape, dtype=torch.float32, device=x.device, generator=generator)
     mask = (noise < keep).to(torch.float32)
     if scale_by_keep and keep > 0.0:
         mask = mask / keep

@@ -440,6 +440,7 @@ def _run(fn: Branch | None, x: Tensor, dim: int) -> Tensor:
     """
     if fn is None:
         return x
+    x = x.view_as(x)  # mark an alias, never the caller's tensor
     torch._dynamo.maybe_mark_dynamic(x, dim)
     return _call(fn, x)
 
