@@ -306,7 +306,7 @@ class TestCompile:
             compiled(torch.randn(32, 16, requires_grad=True)).sum().backward()
         # the only graph breaks are the calls of the host-side step, never inside a branch
         reasons = list(counters["graph_break"])
-        assert reasons and all("_skipping_add" in r for r in reasons), reasons
+        assert reasons and all("_module_step" in r for r in reasons), reasons
         for gm in graphs:
             ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
             n_linear = sum("linear" in o for o in ops)
@@ -342,6 +342,30 @@ class TestCompile:
         assert graphs_after[-1] == graphs_after[2], graphs_after  # 0 recompiles after step 3
         assert graphs_after[-1] <= 6, graphs_after
         assert not counters["recompiles"] or max(counters["recompiles"].values()) <= 2
+
+    def test_vit_with_distinct_rates_and_eval_compiles_a_fixed_number_of_graphs(self, caplog):
+        # Two branch types that alternate, 12 distinct rates, eval steps in between: no graph
+        # may depend on a rate, or some PyTorch versions recompile per rate and hit the limit.
+        from torch._dynamo.utils import counters
+
+        from droppath.models import SmallViT
+
+        torch._dynamo.reset()
+        counters.clear()
+        model = SmallViT(image_size=8, patch_size=4, dim=32, depth=6, heads=2, p=0.5)
+        sched = DropRateScheduler(model, 0.5, time_rule="warmup", warmup_steps=30)
+        compiled = torch.compile(model)
+        graphs = []
+        with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+            for step in range(40):
+                model.train(step % 10 != 9)
+                out = compiled(torch.randn(8, 3, 8, 8))
+                if model.training:
+                    out.square().mean().backward()
+                sched.step()
+                graphs.append(counters["stats"]["unique_graphs"])
+        assert "recompile_limit" not in caplog.text
+        assert graphs[-1] == graphs[9], graphs  # after the first train and eval steps: none new
 
     def test_mask_strategy_fullgraph(self):
         torch._dynamo.reset()

@@ -70,14 +70,15 @@ def _draw_rows(
 
     Returns the indices of the kept samples, and those of the samples to run: the kept ones,
     followed, with ``bucket``, by as many dropped ones as it takes to make their count a multiple
-    of ``bucket`` (or ``n``).
+    of ``bucket`` (or ``n``), and by one dropped sample when only one is kept: the branch never
+    sees a batch of one, which BatchNorm rejects in training and torch.compile specializes.
     """
     kept = torch.rand(n, generator=_host_generator(generator)) < keep
     idx = kept.nonzero().squeeze(1)
     run = idx
     k = idx.shape[0]
-    if bucket is not None and 0 < k < n:
-        size = min(n, -(-k // bucket) * bucket)
+    if 0 < k < n:
+        size = max(2, k if bucket is None else min(n, -(-k // bucket) * bucket))
         if size > k:
             run = torch.cat([idx, (~kept).nonzero().squeeze(1)[: size - k]])
     if device.type == "cpu":
@@ -239,6 +240,8 @@ def drop_add_residual(
     - ``mode="row"``, ``strategy="subset"``: ``branch`` runs only on the kept samples, gathered
       along ``batch_dim``, and its output is added back at their rows, scaled by ``1 / (1 - p)``.
       Each sample is kept independently with probability exactly ``1 - p``, at every batch size.
+      When one sample alone is kept, a dropped one runs beside it (its output discarded), so the
+      branch never sees a batch of one (BatchNorm rejects it; torch.compile specializes it).
     - ``mode="row"``, ``strategy="mask"``: ``branch`` runs on every sample and the drop is fused
       into the add (``torch.addcmul``), as timm and torchvision do, without their extra temporary.
     - ``mode="row"``, ``strategy="auto"``: draws the kept samples first, then skips the branch when
@@ -436,16 +439,16 @@ def _run(fn: Branch | None, x: Tensor, dim: int) -> Tensor:
     """``fn(x)`` (``x`` if ``fn`` is None), called from the host-side step.
 
     The batch dimension is marked dynamic first, so that under torch.compile every batch size
-    reuses one graph; then ``_call`` compiles as a frame of its own, with ``fn`` inlined.
+    reuses one graph; then ``_compiled_call`` compiles as a frame of its own, with ``fn`` inlined.
     """
     if fn is None:
         return x
     x = x.view_as(x)  # mark an alias, never the caller's tensor
     torch._dynamo.maybe_mark_dynamic(x, dim)
-    return _call(fn, x)
+    return _compiled_call(fn, x)
 
 
-def _call(fn: Branch, x: Tensor) -> Tensor:
+def _compiled_call(fn: Branch, x: Tensor) -> Tensor:
     """Under torch.compile, one graph: ``fn`` inlined. A module's own ``forward`` would not start
     a frame of its own, since dynamo skips torch's code (``nn.Sequential`` included)."""
     return fn(x)
@@ -540,11 +543,17 @@ class Residual(_DropBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx
-            node: Tensor = module_node(self, x, lambda training: self._call(x, training))
+            node: Tensor = module_node(self, x, lambda training: self._residual(x, training))
             return node
-        return self._call(x, self.training)
+        if not self.training:  # the plain residual; reads no rate (no guard under compile)
+            base = x if self.shortcut is None else self.shortcut(x)
+            out: Tensor = base + self.branch(x)
+            return out
+        if not (self.mode == "row" and self.strategy == "mask"):
+            return _module_step(self, x)
+        return self._residual(x, True)
 
-    def _call(self, x: Tensor, training: Any) -> Tensor:
+    def _residual(self, x: Tensor, training: Any) -> Tensor:
         return drop_add_residual(
             x,
             self.branch,
@@ -561,3 +570,22 @@ class Residual(_DropBase):
     def extra_repr(self) -> str:
         bucket = "" if self.bucket is None else f", bucket={self.bucket}"
         return f"{super().extra_repr()}, strategy={self.strategy!r}{bucket}"
+
+
+@_host_side
+def _module_step(block: Residual, x: Tensor) -> Tensor:
+    """A training step of ``block`` whose settings are read here, on the host: under
+    torch.compile, no graph reads the rate, so no guard is put on it whatever the PyTorch
+    version (some specialize every float a graph reads)."""
+    return _skipping_add(
+        x,
+        block.branch,
+        block.p,
+        block.shortcut,
+        block.mode,
+        block.batch_dim,
+        block.scale_by_keep,
+        block.strategy,
+        block.bucket,
+        None,
+    )
