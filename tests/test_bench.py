@@ -13,17 +13,30 @@ from droppath.bench import BenchConfig, MaskMultiplyResidual, PlainResidual, for
 from droppath.cli import main
 
 
-@pytest.mark.parametrize("kind", ["mlp", "attn", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "attn", "conv", "vit"])
 @pytest.mark.parametrize("mode", ["row", "batch"])
 def test_run_bench_reports_every_variant(kind, mode):
     cfg = BenchConfig(
-        kind=kind, depth=3, batch=8, width=16, tokens=4, p=0.5, mode=mode, reps=2, warmup=1
+        kind=kind,
+        depth=3,
+        batch=8,
+        width=16,
+        tokens=4,
+        p=0.5,
+        mode=mode,
+        reps=2,
+        warmup=1,
+        bucket=4,
     )
     report = run_bench(cfg, progress=False)
     names = [r["name"] for r in report["results"]]
     assert names[:2] == ["plain", "mask-multiply"] and "Residual p=0" in names
     if mode == "row":
-        assert {"Residual mask", "Residual subset", "Residual auto"} <= set(names)
+        assert {"Residual mask", "Residual subset", "Residual auto", "Residual bucket=4"} <= set(
+            names
+        )
+    variants = [r["variant"] for r in report["results"]]
+    assert variants[0]["kind"] == "plain" and variants[-1]["p_zero"] is True
     plain = report["results"][0]
     assert plain["ratio"] == 1.0 and len(plain["times_ms"]) == 2
     assert all(r["step_ms"] > 0 for r in report["results"])
@@ -80,7 +93,9 @@ def test_cli_json_and_bad_input(tmp_path, capsys):
     assert json.loads(path.read_text())["config"]["depth"] == 2
     assert main(["bench", "--kind", "lstm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["droppath bench: error: kind must be one of 'mlp', 'attn', 'conv', got 'lstm'"]
+    assert err == [
+        "droppath bench: error: kind must be one of 'mlp', 'attn', 'conv', 'vit', got 'lstm'"
+    ]
     assert main(["bench", "-p", "1.5"]) == 2
     assert "p must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
 
@@ -93,3 +108,12 @@ def test_python_dash_m():
         check=True,
     )
     assert "--kind" in out.stdout
+
+
+def test_compiled_bench_runs_every_variant():
+    cfg = BenchConfig(
+        kind="mlp", depth=2, batch=8, width=16, tokens=2, reps=1, warmup=2, compile=True
+    )
+    report = run_bench(cfg, progress=False)
+    assert report["config"]["compile"] is True
+    assert all(r["step_ms"] > 0 for r in report["results"])

@@ -197,7 +197,9 @@ def _variant(model: nn.Module, variant: Variant) -> nn.Module:
 
 def _step(model: nn.Module, x: Tensor) -> None:
     model.zero_grad(set_to_none=True)
-    model(x).float().square().mean().backward()
+    loss = model(x).float().square().mean()
+    if loss.requires_grad:  # a batch-mode step of a stack can drop every block
+        loss.backward()
 
 
 def _eval_step(model: nn.Module, x: Tensor) -> None:
