@@ -223,7 +223,8 @@ def _activation_bytes(model: nn.Module, x: Tensor) -> int:
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(x).float().square().mean()
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     return sum(seen.values())
 
 
