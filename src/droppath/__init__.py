@@ -2,6 +2,7 @@
 
 from droppath._version import __version__
 from droppath.drop import DropPath, drop_path
+from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
 from droppath.residual import Residual, drop_add_residual
 from droppath.schedules import (
     DropRateScheduler,
@@ -15,13 +16,16 @@ from droppath.schedules import (
 __all__ = [
     "DropPath",
     "DropRateScheduler",
+    "LayerDrop",
     "Residual",
+    "SkippedLayer",
     "__version__",
     "convert",
     "depth_rates",
     "drop_add_residual",
     "drop_path",
     "drop_path_sites",
+    "layer_drop",
     "prune",
     "set_drop_rates",
 ]

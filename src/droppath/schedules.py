@@ -9,7 +9,7 @@ of Hugging Face transformers (attribute ``drop_prob``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -21,6 +21,7 @@ from droppath._checks import (
     check_probability,
 )
 from droppath.drop import DropPath
+from droppath.layerdrop import SkippedLayer, is_layer_drop_site, layer_output_template
 from droppath.residual import Residual
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "set_drop_rates",
 ]
 
-DEPTH_RULES = ("linear", "linspace", "uniform")
+DEPTH_RULES = ("linear", "linspace", "uniform", "exp", "log", "sin", "sigmoid", "step")
 TIME_RULES = ("constant", "warmup", "early", "late", "pld")
 
 # The options each time rule takes: (required, optional with defaults).
@@ -57,6 +58,13 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
     - ``"linspace"``: what timm and torchvision models compute, ``torch.linspace(0, p, n)``: block
       ``l``, counted from 0, drops with ``p * l / (n - 1)``; the first block never drops.
     - ``"uniform"``: every block drops with ``p`` (the paper's "uniform" alternative).
+    - The curves of LayerSkip (Elhoushi et al., ACL 2024) as torchtune computes them
+      (``torchtune/modules/layer_dropout.py``, ``get_scale`` with ``scale_period = n - 1`` and
+      block ``l`` counted from 0; one block alone drops with ``p``), with ``t = l / (n - 1)``:
+      ``"exp"``: ``p * (2 ** t - 1)``; ``"log"``: ``p * log(l + 1) / log(n)``; ``"sin"``:
+      ``p * sin(pi * t / 2)``; ``"sigmoid"``: ``p / (1 + exp(-10 * (t - 0.5)))``.
+    - ``"step"``: the first ``n // 2`` blocks never drop, the others drop with ``p``. torchtune
+      names a ``STEP`` scale without a formula; this one is droppath's.
 
     The rates are Python floats computed on the host, so they are the same for a model on any
     device, the meta device included.
@@ -64,7 +72,7 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
     Args:
         n: the number of blocks, an int >= 0.
         p: the largest rate, in [0, 1].
-        rule: ``"linear"``, ``"linspace"`` or ``"uniform"``. Default: ``"linear"``.
+        rule: one of the rules above. Default: ``"linear"``.
 
     Examples:
         >>> from droppath import depth_rates
@@ -82,12 +90,25 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
         return [p * (i / n) for i in range(1, n + 1)]
     if rule == "linspace":
         return [p * (i / (n - 1)) if n > 1 else 0.0 for i in range(n)]
+    if rule == "step":
+        return [p if i >= n // 2 else 0.0 for i in range(n)]
+    if rule in _CURVES:
+        return [p * _CURVES[rule](i, n - 1) if n > 1 else p for i in range(n)]
     return [p] * n
+
+
+# torchtune's get_scale(scale_type, scale_period, val), 0 at the first block, about 1 at the last.
+_CURVES: dict[str, Callable[[int, int], float]] = {
+    "exp": lambda i, m: math.exp(i * math.log(2) / m) - 1,
+    "log": lambda i, m: math.log(i + 1) / math.log(m + 1),
+    "sin": lambda i, m: math.sin(0.5 * math.pi * i / m),
+    "sigmoid": lambda i, m: 1 / (1 + math.exp(-10 * (i / m - 0.5))),
+}
 
 
 def _kind(module: nn.Module) -> str | None:
     """Which attribute holds a drop-path site's rate, or None if ``module`` is not a site."""
-    if isinstance(module, DropPath | Residual):
+    if isinstance(module, DropPath | Residual) or is_layer_drop_site(module):
         return "p"
     name = type(module).__name__
     if name == "StochasticDepth" and hasattr(module, "p") and hasattr(module, "mode"):
@@ -110,18 +131,23 @@ def drop_path_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _kind(m) is not None]
 
 
-def _resolve_rates(
-    sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
-) -> list[float]:
+def _resolve_sites_rates(n: int, p: float | Sequence[float], rule: str) -> list[float]:
+    """The rates of ``n`` sites: ``p`` if it is a sequence of ``n`` rates, else by ``rule``."""
     if isinstance(p, Sequence) and not isinstance(p, str):
-        if len(p) != len(sites):
+        if len(p) != n:
             raise ValueError(
-                f"p must have one rate per drop-path site: the model has {len(sites)} sites, "
+                f"p must have one rate per drop-path site: the model has {n} sites, "
                 f"got {len(p)} rates"
             )
         check_choice(rule, "rule", DEPTH_RULES)
         return [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
-    return depth_rates(len(sites), p, rule)
+    return depth_rates(n, p, rule)
+
+
+def _resolve_rates(
+    sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
+) -> list[float]:
+    return _resolve_sites_rates(len(sites), p, rule)
 
 
 def _apply(sites: Sequence[tuple[str, nn.Module]], rates: Sequence[float]) -> None:
@@ -159,7 +185,7 @@ def set_drop_rates(
 
 
 def _replacement(module: nn.Module) -> DropPath | None:
-    if isinstance(module, DropPath | Residual):
+    if isinstance(module, DropPath | Residual) or is_layer_drop_site(module):
         return None
     kind = _kind(module)
     if kind is None:
@@ -386,16 +412,24 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def prune(model: nn.Module, k: int) -> dict[str, Any]:
-    """Remove for good the ``k`` ``Residual`` blocks with the highest drop rate.
+def _pruned(block: nn.Module) -> nn.Module:
+    """What a removed block becomes: what it computes when its branch or layer is dropped."""
+    if isinstance(block, Residual):
+        return block.shortcut if block.shortcut is not None else nn.Identity()
+    return SkippedLayer(layer_output_template(block))
 
-    Each removed block becomes its shortcut alone (``nn.Identity`` when it has none), which is
-    what the block computes when its branch is dropped: a model trained with stochastic depth
-    keeps working, cheaper, at inference (Fan et al., "Reducing Transformer Depth on Demand with
-    Structured Dropout", ICLR 2020). Ties go to the deeper block.
+
+def prune(model: nn.Module, k: int) -> dict[str, Any]:
+    """Remove for good the ``k`` ``Residual`` blocks or layer-drop layers with the highest rate.
+
+    Each removed block becomes its shortcut alone (``nn.Identity`` when it has none), and a layer
+    a ``SkippedLayer`` that returns its input: what they compute when dropped. A model trained
+    with stochastic depth keeps working, cheaper, at inference (Fan et al., "Reducing Transformer
+    Depth on Demand with Structured Dropout", ICLR 2020). Ties go to the deeper block.
 
     Args:
-        model: a model containing ``droppath.Residual`` blocks; changed in place.
+        model: a model containing ``droppath.Residual`` blocks or layer-drop sites; changed in
+            place.
         k: how many blocks to remove, from 0 to the number of blocks.
 
     Returns:
@@ -411,7 +445,11 @@ def prune(model: nn.Module, k: int) -> dict[str, Any]:
         >>> model[3]
         Identity()
     """
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Residual) and name]
+    blocks = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and (isinstance(m, Residual) or is_layer_drop_site(m))
+    ]
     k = check_positive_int(k, "k", minimum=0)
     if k > len(blocks):
         raise ValueError(f"k must be in [0, {len(blocks)}] for this model, got {k}")
@@ -422,8 +460,7 @@ def prune(model: nn.Module, k: int) -> dict[str, Any]:
         name, block = blocks[i]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        shortcut = block.shortcut if block.shortcut is not None else nn.Identity()
-        setattr(parent, attr, shortcut)
+        setattr(parent, attr, _pruned(block))
         removed.append(name)
     after = _count(model)
     return {
