@@ -66,16 +66,34 @@ def _gather(obj: Any, idx: Tensor, n: int, dim: int) -> Any:
     return obj
 
 
-def _cache_in_use(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-    """Whether a key/value cache that already holds tokens is passed (generation goes on)."""
+def _layer_index(layer: nn.Module | None) -> int | None:
+    """The ``layer_idx`` that Hugging Face layers (or their attention) keep for the cache."""
+    if layer is None:
+        return None
+    for module in layer.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return idx
+    return None
+
+
+def _cache_in_use(args: Sequence[Any], kwargs: dict[str, Any], layer: nn.Module | None) -> bool:
+    """Whether a key/value cache passed to ``layer`` already holds tokens of this layer: the
+    forward continues a sequence (generation), so every sample must run.
+
+    A cache created empty by a training forward (Hugging Face models do that when
+    ``use_cache`` is on) does not count.
+    """
+    idx = _layer_index(layer)
     for value in (*args, *kwargs.values()):
         length = getattr(value, "get_seq_length", None)
         if callable(length) and not isinstance(value, Tensor):
             try:
-                if int(length()) > 0:
-                    return True
-            except (TypeError, ValueError, IndexError):
+                held = int(length(idx)) if idx is not None else int(length())
+            except (TypeError, ValueError, IndexError, KeyError):
                 return True  # a cache whose length cannot be read: leave the layer alone
+            if held > 0:
+                return True
     return False
 
 
@@ -143,7 +161,7 @@ def _drop_layer(
     """One training call of a layer-drop site (see :class:`LayerDrop`)."""
     dim = check_input(x, settings.batch_dim, "hidden_states")
     p = check_drop_args(settings.p, settings.mode, settings.scale_by_keep)
-    if p == 0.0 or _cache_in_use(args, kwargs):
+    if p == 0.0 or _cache_in_use(args, kwargs, owner):
         return _call(fn, x, args, kwargs, settings, dim)
     keep = 1.0 - p
     scale = 1.0 / keep if settings.scale_by_keep and keep > 0.0 else 1.0
