@@ -25,12 +25,11 @@ from droppath._progress import Progress
 from droppath.models.resnet import CifarResNet
 from droppath.models.vit import SmallViT, _Attention, _mlp
 from droppath.residual import Residual
-from droppath.schedules import depth_rates
+from droppath.schedules import DEPTH_RULES, depth_rates
 
 __all__ = ["BenchConfig", "format_table", "run_bench"]
 
-KINDS = ("mlp", "attn", "conv", "vit")
-RULES = ("uniform", "linear")
+KINDS = ("mlp", "attn", "conv", "vit", "llama")
 
 
 class PlainResidual(nn.Module):
@@ -71,9 +70,9 @@ class MaskMultiplyResidual(PlainResidual):
 class BenchConfig:
     kind: str = "mlp"
     depth: int | None = None
-    batch: int = 64
+    batch: int | None = None
     width: int | None = None
-    tokens: int = 32
+    tokens: int | None = None
     p: float = 0.5
     rule: str = "uniform"
     mode: str = "row"
@@ -86,19 +85,20 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.kind, "kind", KINDS)
-        check_choice(self.rule, "rule", RULES)
+        check_choice(self.rule, "rule", DEPTH_RULES)
         check_choice(self.mode, "mode", ("row", "batch"))
         self.p = check_probability(self.p)
         if self.depth is None:
-            self.depth = {"conv": 54, "vit": 6}.get(self.kind, 12)
+            self.depth = {"conv": 54, "vit": 6, "llama": 8}.get(self.kind, 12)
         if self.width is None:
-            self.width = 16 if self.kind == "conv" else 192
+            self.width = {"conv": 16, "llama": 256}.get(self.kind, 192)
         self.depth = check_positive_int(self.depth, "depth")
         if self.kind == "conv" and self.depth % 3:
             raise ValueError(f"depth must be a multiple of 3 for kind 'conv', got {self.depth}")
         self.width = check_positive_int(self.width, "width")
-        self.batch = check_positive_int(self.batch, "batch")
-        self.tokens = check_positive_int(self.tokens, "tokens")
+        llama = self.kind == "llama"
+        self.batch = check_positive_int(self.batch or (16 if llama else 64), "batch")
+        self.tokens = check_positive_int(self.tokens or (128 if llama else 32), "tokens")
         self.reps = check_positive_int(self.reps, "reps")
         self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
         self.bucket = check_bucket(self.bucket)
@@ -127,15 +127,17 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
         blocks = [m for m in model.modules() if isinstance(m, Residual)]
         for block, rate in zip(blocks, rates, strict=True):
             block.p = rate
-        x = torch.randn(cfg.batch, 3, 32, 32)
+        x = torch.randn(cfg.batch or 1, 3, 32, 32)
         return model, x
+    if cfg.kind == "llama":
+        return _build_llama(cfg)
     if cfg.kind == "vit":  # a small ViT on 32x32 images: patch 4, 64 tokens + class token
         heads = max(1, width // 64)
         vit = SmallViT(dim=width, depth=cfg.depth or 1, heads=heads, p=cfg.p, rule=cfg.rule)
         for site in vit.modules():
             if isinstance(site, Residual):
                 site.mode = cfg.mode
-        return vit, torch.randn(cfg.batch, 3, 32, 32)
+        return vit, torch.randn(cfg.batch or 1, 3, 32, 32)
     heads = max(1, width // 64)
     make: Callable[[], nn.Module]
     if cfg.kind == "mlp":
@@ -143,22 +145,89 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
     else:
         make = lambda: _Attention(width, heads)  # noqa: E731
     model = nn.Sequential(*[Residual(make(), rate, mode=cfg.mode) for rate in rates])
-    return model, torch.randn(cfg.batch, cfg.tokens, width)
+    return model, torch.randn(cfg.batch or 1, cfg.tokens or 1, width)
+
+
+class _LanguageModelLoss(nn.Module):
+    """A Hugging Face causal LM as a module from token ids to its training loss."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: Tensor) -> Tensor:
+        loss: Tensor = self.lm(input_ids=ids, labels=ids, use_cache=False).loss
+        return loss
+
+
+def _build_llama(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
+    """A small Llama (Hugging Face transformers, random weights): ``depth`` layers of width
+    ``width``, MLP 4x, vocabulary 512, so that the layers and not the LM head hold the work."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "kind 'llama' needs Hugging Face transformers: pip install transformers"
+        ) from None
+    width, depth = cfg.width or 256, cfg.depth or 8
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=depth,
+        num_attention_heads=max(1, width // 64),
+        num_key_value_heads=max(1, width // 64),
+        max_position_embeddings=max(cfg.tokens or 128, 128),
+    )
+    model = _LanguageModelLoss(transformers.LlamaForCausalLM(config))
+    ids = torch.randint(0, 512, (cfg.batch or 16, cfg.tokens or 128))
+    return model, ids
+
+
+class TorchtuneLayerDropout(nn.Module):
+    """torchtune's ``LayerDropout`` (``torchtune/modules/layer_dropout.py``), rewritten here with
+    the same behaviour as a baseline: one Bernoulli(``prob``) skip per sample from a CPU generator
+    seeded per layer; the layer runs on the kept rows of the hidden states, every other argument
+    passed as it is (not gathered); kept rows written into a clone of the input, not rescaled
+    (training computes ``x + (1 - p) f(x)`` on average where eval computes ``x + f(x)``)."""
+
+    def __init__(self, layer: nn.Module, prob: float, seed: int) -> None:
+        super().__init__()
+        self.layer, self.prob = layer, prob
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.prob == 0 or not self.training:
+            return self.layer(x, *args, **kwargs)
+        n = x.shape[0]
+        skip = torch.bernoulli(torch.full((n,), self.prob), generator=self.generator)
+        selected = (skip == 0).nonzero().squeeze(1).to(x.device)
+        out = x.clone()
+        if selected.numel() > 0:
+            out[selected] = self.layer(x.index_select(0, selected), *args, **kwargs)
+        return out
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to compute the residual stack: a label for the table and what it means."""
+    """One way to compute the model: a label for the table and what it means."""
 
     label: str
-    kind: str  # "plain", "mask-multiply" or "residual"
+    kind: str  # "plain", "mask-multiply", "residual", "torchtune" or "layer_drop"
     strategy: str = "auto"
     p_zero: bool = False  # Residual with every rate set to 0: its overhead when nothing drops
     bucket: int | None = None
 
 
-def variants(mode: str, bucket: int | None = None) -> list[Variant]:
+def variants(mode: str, bucket: int | None = None, kind: str = "mlp") -> list[Variant]:
     """The variants a bench run compares, the baseline first."""
+    if kind == "llama":
+        return [
+            Variant("plain", "plain"),
+            Variant("torchtune LayerDropout", "torchtune"),
+            Variant("layer_drop", "layer_drop"),
+            Variant("layer_drop p=0", "layer_drop", p_zero=True),
+        ]
     out = [Variant("plain", "plain"), Variant("mask-multiply", "mask-multiply")]
     if mode == "batch":
         out.append(Variant("Residual", "residual"))
@@ -172,7 +241,23 @@ def variants(mode: str, bucket: int | None = None) -> list[Variant]:
     return out
 
 
-def _variant(model: nn.Module, variant: Variant) -> nn.Module:
+def _layer_variant(
+    model: _LanguageModelLoss, variant: Variant, rates: list[float]
+) -> _LanguageModelLoss:
+    """The language model computing as ``variant``: its layers plain, wrapped in torchtune's
+    ``LayerDropout``, or made layer-drop sites by :func:`droppath.layer_drop`."""
+    from droppath.layerdrop import find_layer_stack, layer_drop
+
+    _, stack = find_layer_stack(model.lm)
+    if variant.kind == "torchtune":
+        for i, rate in enumerate(rates):
+            stack[i] = TorchtuneLayerDropout(stack[i], rate, seed=i)
+    elif variant.kind == "layer_drop":
+        layer_drop(model.lm, [0.0] * len(rates) if variant.p_zero else rates)
+    return model
+
+
+def _variant(model: nn.Module, variant: Variant, rates: list[float] | None = None) -> nn.Module:
     """A copy of ``model`` whose ``Residual`` blocks compute as ``variant``.
 
     The copy shares the parameters and buffers of ``model``: every variant computes with the same
@@ -180,6 +265,8 @@ def _variant(model: nn.Module, variant: Variant) -> nn.Module:
     """
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     out = copy.deepcopy(model, memo=shared)
+    if isinstance(out, _LanguageModelLoss):
+        return _layer_variant(out, variant, rates or [])
     for parent in list(out.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, Residual):
@@ -298,10 +385,13 @@ def run_bench(
     if cfg.kind == "conv" and dev.type == "cuda":  # cuDNN's fast layout; on CPUs, NCHW
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
-    order = variants(cfg.mode, cfg.bucket)
+    order = variants(cfg.mode, cfg.bucket, cfg.kind)
     names = [v.label for v in order]
-    models = {v.label: _variant(base, v).train() for v in order}
-    residual = next(v.label for v in order if v.kind == "residual" and v.strategy == "auto")
+    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
+    models = {v.label: _variant(base, v, rates).train() for v in order}
+    residual = next(
+        v.label for v in order if v.kind in ("residual", "layer_drop") and v.strategy == "auto"
+    )
     eval_labels = {"plain": "plain", "Residual": residual}
     if cfg.compile:
         torch._dynamo.reset()
@@ -332,7 +422,7 @@ def run_bench(
         bar.close()
 
     memory = {name: _peak_memory(runners[name], x, 3) for name in names}
-    mm_mem = memory["mask-multiply"]
+    mm_mem = memory.get("mask-multiply", memory["plain"])
     results = [
         asdict(
             VariantResult(
@@ -375,7 +465,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['machine']['device']}, {report['machine']['torch_threads']} threads)",
         "",
         f"| variant | step ms (median) | vs plain (median of paired ratios) | {memory_label} | "
-        "memory vs mask-multiply |",
+        f"memory vs {'mask-multiply' if cfg['kind'] != 'llama' else 'plain'} |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
@@ -385,7 +475,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
     ev = report["eval"]
     lines.append(
-        f"| eval forward: Residual vs plain | {ev['residual_ms']:.1f} | {ev['ratio']:.3f} | | |"
+        f"| eval forward: droppath vs plain | {ev['residual_ms']:.1f} | {ev['ratio']:.3f} | | |"
     )
     return "\n".join(lines)
 

@@ -47,8 +47,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--kind",
         default="mlp",
-        help="mlp or attn (a stack of transformer branches), conv (the CIFAR ResNet trunk) or vit "
-        "(a small ViT on 32x32 images) (default: mlp)",
+        help="mlp or attn (a stack of transformer branches), conv (the CIFAR ResNet trunk), vit "
+        "(a small ViT on 32x32 images) or llama (a small Hugging Face Llama, layer drop; needs "
+        "transformers) (default: mlp)",
     )
     p.add_argument(
         "--depth",
@@ -56,17 +57,22 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         default=None,
         help="residual blocks (default: 12; 54 for conv, ResNet-110's trunk; 6 ViT blocks)",
     )
-    p.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 64; 16 for llama)")
     p.add_argument(
         "--width",
         type=int,
         default=None,
         help="token width, or first-stage channels for conv (default: 192; 16)",
     )
-    p.add_argument("--tokens", type=int, default=32, help="tokens per sample (default: 32)")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens per sample (default: 32; 128 for llama)"
+    )
     p.add_argument("-p", "--p", type=float, default=0.5, help="drop rate (default: 0.5)")
     p.add_argument(
-        "--rule", default="uniform", help="depth rule: uniform, or linear (the paper's decay to p)"
+        "--rule",
+        default="uniform",
+        help="depth rule: uniform, linear (the paper's decay to p), linspace, exp, log, sin, "
+        "sigmoid or step (default: uniform)",
     )
     p.add_argument("--mode", default="row", help="row or batch (default: row)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per variant (default: 20)")

@@ -1,0 +1,33 @@
+"""`droppath bench --kind llama`: layer drop on a real Hugging Face Llama against torchtune's
+LayerDropout (its numbers are not asserted: timing belongs to the command)."""
+
+import torch
+
+from conftest import require
+from droppath.bench import BenchConfig, TorchtuneLayerDropout, format_table, run_bench
+
+
+def test_llama_bench_runs_every_variant():
+    require("transformers")
+    cfg = BenchConfig(kind="llama", depth=2, width=64, batch=4, tokens=8, reps=2, warmup=1)
+    report = run_bench(cfg, progress=False)
+    names = [r["name"] for r in report["results"]]
+    assert names == ["plain", "torchtune LayerDropout", "layer_drop", "layer_drop p=0"]
+    assert all(r["step_ms"] > 0 for r in report["results"])
+    assert "memory vs plain" in format_table(report)
+
+
+def test_torchtune_baseline_is_biased_and_runs_kept_rows_only():
+    # What the bench compares against: kept rows are the layer's output, not rescaled.
+    calls = []
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return x + 1.0
+
+    site = TorchtuneLayerDropout(Layer(), 0.5, seed=0)
+    x = torch.zeros(4000, 1)
+    out = site(x)
+    assert set(out.flatten().tolist()) == {0.0, 1.0} and calls[0] < 4000
+    assert abs(out.mean().item() - 0.5) < 0.05  # E[out] = (1 - p) * f(x): biased against eval's 1
