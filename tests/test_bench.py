@@ -94,7 +94,8 @@ def test_cli_json_and_bad_input(tmp_path, capsys):
     assert main(["bench", "--kind", "lstm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "droppath bench: error: kind must be one of 'mlp', 'attn', 'conv', 'vit', 'llama', got 'lstm'"
+        "droppath bench: error: kind must be one of 'mlp', 'attn', 'conv', 'vit', 'llama', "
+        "got 'lstm'"
     ]
     assert main(["bench", "-p", "1.5"]) == 2
     assert "p must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
