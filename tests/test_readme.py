@@ -32,3 +32,13 @@ def test_ci_runs_the_readme_test_command():
 def test_project_requires_a_torch_range():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"torch>=2.1"' in text
+
+
+def test_ci_runs_the_readme_real_library_command():
+    real = [
+        line.strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("python3 -m venv .venv-real && ")
+    ]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert len(real) == 1 and real[0] in ci and "DROPPATH_REQUIRE_REAL=1" in real[0]
