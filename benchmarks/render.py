@@ -1,7 +1,7 @@
 """Print a README benchmark table from the JSON files of a folder that `droppath bench` wrote.
 
-Usage: python benchmarks/render.py [FOLDER] (default benchmarks/results). One row per file, in
-the order of the file names; the row's title and the columns come from each report's config and
+Usage: python benchmarks/render.py [FOLDER] (default benchmarks/results). One row per file, ordered
+by kind, mode, rate and rule; the row's title and the columns come from each report's config and
 variant fields, never from display labels.
 """
 
@@ -12,8 +12,9 @@ from pathlib import Path
 KINDS = {
     "mlp": "Transformer MLP",
     "attn": "Attention",
-    "conv": "ResNet-110 trunk",
     "vit": "Small ViT",
+    "conv": "ResNet-110 trunk",
+    "llama": "Llama, 8 layers",
 }
 
 
@@ -23,26 +24,45 @@ def title(cfg: dict) -> str:
         f"p = {cfg['p']} uniform" if cfg["rule"] == "uniform" else f"linear decay to p = {cfg['p']}"
     )
     compiled = ", torch.compile" if cfg.get("compile") else ""
-    return f"{kind}, {cfg['mode']} mode, {rate}{compiled}"
+    threads = f", {cfg['threads']} thread(s)" if cfg.get("threads") else ""
+    return f"{kind}, {cfg['mode']} mode, {rate}{compiled}{threads}"
 
 
-def is_auto(variant: dict) -> bool:
-    return variant["kind"] == "residual" and variant["strategy"] == "auto" and not variant["p_zero"]
+def order(report: dict) -> tuple:
+    """Rows by kind, then mode, rate, rule, eager before compiled, threads."""
+    cfg = report["config"]
+    kinds = list(KINDS)
+    return (
+        kinds.index(cfg["kind"]),
+        cfg["mode"] != "row",
+        -cfg["p"],
+        cfg["rule"],
+        bool(cfg.get("compile")),
+        cfg.get("threads") or 0,
+    )
+
+
+def is_droppath(variant: dict) -> bool:
+    """droppath's default way: Residual's auto strategy, or layer_drop."""
+    ours = variant["kind"] == "layer_drop" or (
+        variant["kind"] == "residual" and variant["strategy"] == "auto"
+    )
+    return ours and not variant["p_zero"]
 
 
 def main(folder: str = "benchmarks/results") -> None:
     columns: list[str] = []
     rows: list[tuple[str, dict[str, str]]] = []
-    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.name):
-        report = json.loads(path.read_text())
+    reports = [json.loads(p.read_text()) for p in Path(folder).glob("*.json")]
+    for report in sorted(reports, key=order):
         cells: dict[str, str] = {}
         for r in report["results"]:
             if r["name"] not in columns:
                 columns.append(r["name"])
             cells[r["name"]] = f"{r['ratio']:.3f}"
         cells["eval"] = f"{report['eval']['ratio']:.3f}"
-        auto = next(r for r in report["results"] if is_auto(r["variant"]))
-        cells["memory"] = f"{auto['memory_ratio_to_mask_multiply']:.2f}"
+        ours = next(r for r in report["results"] if is_droppath(r["variant"]))
+        cells["memory"] = f"{ours['memory_ratio_to_mask_multiply']:.2f}"
         cells["ideal"] = f"{report['kept_fraction']:.3f}"
         cells["plain ms"] = f"{report['results'][0]['step_ms']:.1f}"
         rows.append((title(report["config"]), cells))

@@ -1,0 +1,37 @@
+"""What the trainer callbacks share: a ``DropRateScheduler`` kept at the trainer's step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from droppath.schedules import DropRateScheduler
+
+
+class ScheduleAtStep:
+    """Builds a :class:`droppath.DropRateScheduler` for a model when training starts, with the
+    arguments given here, and sets the rates of schedule step ``k`` for optimizer step ``k``
+    (counted from 0), which is what the trainer's own step counter says: a resumed run continues
+    with the rates of its step."""
+
+    def __init__(self, p: float | Sequence[float], **scheduler_options: Any) -> None:
+        self.p = p
+        self.options = scheduler_options
+        self.scheduler: DropRateScheduler | None = None
+
+    def start(self, model: nn.Module) -> DropRateScheduler:
+        """Build the scheduler for ``model`` (checks the arguments: errors come at train start)."""
+        self.scheduler = DropRateScheduler(model, self.p, **self.options)
+        return self.scheduler
+
+    def at(self, step: int) -> dict[str, float]:
+        """Set the rates of ``step``; return them by site name, for the trainer's logger."""
+        if self.scheduler is None:
+            raise RuntimeError("the drop-rate schedule has not started: training has not begun")
+        sched = self.scheduler
+        if step != sched.last_step:
+            sched.load_state_dict({**sched.state_dict(), "last_step": step})
+        names = [name for name, _ in sched.sites]
+        return {f"drop_rate/{n}": r for n, r in zip(names, sched.get_last_p(), strict=True)}
