@@ -9,7 +9,9 @@ from droppath import DropRateScheduler, Residual
 
 def _blocks():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), *[Residual(nn.Linear(8, 8)) for _ in range(3)], nn.Linear(8, 1))
+    return nn.Sequential(
+        nn.Linear(4, 8), *[Residual(nn.Linear(8, 8)) for _ in range(3)], nn.Linear(8, 1)
+    )
 
 
 def _expected(steps, **options):
@@ -45,8 +47,14 @@ def test_lightning_steps_logs_and_resumes(tmp_path):
     def trainer(steps, **kw):
         logger = pl.loggers.CSVLogger(tmp_path, name="logs")
         return pl.Trainer(
-            max_steps=steps, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
-            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw,
+            max_steps=steps,
+            accumulate_grad_batches=2,
+            logger=logger,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            **kw,
         )
 
     module, callback = Module(), DropRateCallback(0.4, **OPTIONS)
@@ -59,7 +67,7 @@ def test_lightning_steps_logs_and_resumes(tmp_path):
     assert callback.scheduler.last_step == 3
     logged = (tmp_path / "logs").rglob("metrics.csv")
     header = next(logged).read_text().splitlines()[0]
-    assert "drop_rate/1" in header and "drop_rate/3" in header
+    assert "drop_rate/net.1" in header and "drop_rate/net.3" in header
     ckpt = tmp_path / "step4.ckpt"
     first.save_checkpoint(ckpt)
 
@@ -95,9 +103,16 @@ def test_transformers_trainer_steps_logs_and_resumes(tmp_path):
 
     def trainer(model, steps, callback):
         args = tf.TrainingArguments(
-            output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-            gradient_accumulation_steps=2, logging_steps=1, save_steps=4, report_to=[],
-            use_cpu=True, disable_tqdm=True, learning_rate=0.01, save_safetensors=False,
+            output_dir=str(tmp_path),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            logging_steps=1,
+            save_steps=4,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            learning_rate=0.01,
         )
         return tf.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
 
@@ -106,8 +121,8 @@ def test_transformers_trainer_steps_logs_and_resumes(tmp_path):
     first = trainer(model, 4, callback)
     first.train()
     assert model.seen == [expected[k] for k in (0, 0, 1, 1, 2, 2, 3, 3)]
-    logged = [h for h in first.state.log_history if "drop_rate/1" in h]
-    assert logged and logged[0]["drop_rate/3"] == expected[0][2]
+    logged = [h for h in first.state.log_history if "drop_rate/net.1" in h]
+    assert logged and logged[0]["drop_rate/net.3"] == expected[0][2]
 
     resumed = Model()
     trainer(resumed, 6, DropRateCallback(0.4, **OPTIONS)).train(

@@ -54,7 +54,9 @@ class DropRateCallback(pl.Callback):  # type: ignore[misc]
         if self._saved is not None:
             sched.load_state_dict(self._saved)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         rates = self._schedule.at(trainer.global_step)
         if rates:
             pl_module.log_dict(rates, on_step=True, on_epoch=False, logger=True)

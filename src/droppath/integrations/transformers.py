@@ -47,7 +47,9 @@ class DropRateCallback(TrainerCallback):  # type: ignore[misc]
         """The :class:`droppath.DropRateScheduler`, once training has started."""
         return self._schedule.scheduler
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+    ) -> None:
         if model is None:
             raise ValueError("DropRateCallback needs the trainer's model at train begin, got None")
         self._schedule.start(model)
