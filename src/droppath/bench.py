@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from droppath._checks import check_bucket, check_choice, check_positive_int, check_probability
-from droppath._progress import Progress
+from droppath._progress import progress_bar
 from droppath.models.resnet import CifarResNet
 from droppath.models.vit import SmallViT, _Attention, _mlp
 from droppath.residual import Residual
@@ -401,7 +401,7 @@ def run_bench(
 
     times: dict[str, list[float]] = {name: [] for name in names}
     eval_times: dict[str, list[float]] = {name: [] for name in eval_labels}
-    bar = Progress((cfg.warmup + cfg.reps) * (len(names) + 2), "bench") if progress else None
+    bar = progress_bar((cfg.warmup + cfg.reps) * (len(names) + 2), "bench", progress)
     for rep in range(cfg.warmup + cfg.reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:  # rotate: no variant always runs first

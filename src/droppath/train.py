@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from droppath._checks import STRATEGIES, check_choice, check_positive_int, check_probability
-from droppath._progress import Progress
+from droppath._progress import progress_bar
 from droppath.models.registry import MODEL_NAMES
 from droppath.schedules import DEPTH_RULES, TIME_RULES, DropRateScheduler, drop_path_sites
 
@@ -370,9 +370,9 @@ class Run:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         steps = len(self.loader)
-        bar = None
-        if cfg.progress and dist.main:
-            bar = Progress(steps, f"{self.label} {epoch + 1}/{cfg.epochs}")
+        bar = progress_bar(
+            steps, f"{self.label} {epoch + 1}/{cfg.epochs}", cfg.progress and dist.main
+        )
         self.net.train()
         seen = correct = 0
         loss_sum = 0.0
@@ -392,7 +392,9 @@ class Run:
             correct += int((logits.argmax(1) == yb).sum())
             if bar:
                 elapsed = time.perf_counter() - t0
-                bar.update(1, loss=loss_sum / seen, acc=correct / seen, rows_s=seen / elapsed)
+                stats = {"loss": loss_sum / seen, "acc": correct / seen, "rows/s": seen / elapsed}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
+                bar.update(1)
         _sync(dist.device)
         epoch_time = time.perf_counter() - t0
         if bar:
