@@ -118,3 +118,19 @@ def test_compiled_bench_runs_every_variant():
     report = run_bench(cfg, progress=False)
     assert report["config"]["compile"] is True
     assert all(r["step_ms"] > 0 for r in report["results"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "foo"], "device must be 'cpu' or 'cuda[:N]', got 'foo'"),
+        (["--threads", "-1"], "threads must be an int >= 1, got -1"),
+        (["--kind", "attn", "--width", "129"], "width must be a multiple of the 2 attention heads"),
+        (["--json", "/nonexistent/dir/out.json"], "--json must be a path in a writable folder"),
+        (["--bucket", "0"], "bucket must be None or an int >= 1, got 0"),
+    ],
+)
+def test_cli_mistakes_are_one_line(args, message, capsys):
+    assert main(["bench", "--reps", "1", "--warmup", "0", "--depth", "1", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -102,6 +103,14 @@ class BenchConfig:
         self.reps = check_positive_int(self.reps, "reps")
         self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
         self.bucket = check_bucket(self.bucket)
+        if self.threads is not None:
+            self.threads = check_positive_int(self.threads, "threads")
+        heads = max(1, self.width // 64)
+        if self.kind in ("attn", "vit", "llama") and self.width % heads:
+            raise ValueError(
+                f"width must be a multiple of the {heads} attention heads (width // 64) for kind "
+                f"{self.kind!r}, got {self.width}"
+            )
 
 
 @dataclass
@@ -480,15 +489,40 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``report`` to ``path`` atomically: a reader never sees half a file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, target)
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be 'cpu' on this machine (no CUDA), got {device!r}")
+    return dev
+
+
 def bench_command(ns: Any) -> int:
     from droppath.cli import UsageError, config_from_args
 
-    if ns.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device must be 'cpu' on this machine (no CUDA), got {ns.device!r}")
+    try:
+        _check_device(ns.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if ns.json:  # checked before the work, not after it
+        folder = Path(ns.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"--json must be a path in a writable folder, got {ns.json!r}")
     cfg = config_from_args(BenchConfig, ns)
     report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
     print(format_table(report))
     if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(report, ns.json)
     return 0
