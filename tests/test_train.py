@@ -85,7 +85,8 @@ def test_resume_gives_the_same_weights(tmp_path, mode):
             "data must be one of 'digits', 'cifar10', 'folder', got 'imagenet'",
         ),
         (["--depth", "21"], "depth must be 6n + 2"),
-        (["--time-rule", "warmup"], "time_rule 'warmup' needs --warmup-steps"),
+        (["--time-rule", "warmup"], "time_rule='warmup' needs the option(s) warmup_steps"),
+        (["--time-rule", "late", "--warmup-steps", "3"], "--warmup-steps is not an option of"),
         (["--mode", "layer"], "mode must be one of 'row', 'batch', got 'layer'"),
         (["--data", "cifar10"], "--data cifar10 needs --data-dir PATH"),
         (["--data", "cifar10", "--data-dir", "/nonexistent/x"], "data folder not found"),
@@ -322,3 +323,28 @@ def test_torchrun_two_processes(tmp_path):
     assert summary["processes"] == 2
     history = json.loads((tmp_path / "d" / "with_sd" / "metrics.json").read_text())
     assert len(history) == 2 and history[-1]["test_acc"] > 0.2
+
+
+def test_every_time_rule_option_has_its_flag():
+    # One table declares the rules; the flags come from it (early's shape included).
+    from droppath.cli import build_parser
+    from droppath.schedules import TIME_RULE_TABLE
+    from droppath.train import TrainConfig, _rule_options_from_flags
+
+    parser = build_parser()
+    for rule in TIME_RULE_TABLE.values():
+        for option in rule.options:
+            value = {int: "1", float: "0.5", str: "linear"}[option.cli_type]
+            flag = f"--{option.name.replace('_', '-')}"
+            ns = parser.parse_args(["train", "--time-rule", rule.name, flag, value])
+            assert _rule_options_from_flags(ns) == {option.name: option.cli_type(value)}
+    ns = parser.parse_args(
+        ["train", "--time-rule", "early", "--cutoff-step", "3", "--shape", "constant"]
+    )
+    options = _rule_options_from_flags(ns)
+    assert options == {"cutoff_step": 3, "shape": "constant"}
+    cfg = TrainConfig(time_rule="early", rule_options=options)
+    assert cfg.rule_options == {"cutoff_step": 3, "shape": "constant"}
+    assert TrainConfig(time_rule="early", rule_options={"cutoff_step": 3}).rule_options[
+        "shape"
+    ] == ("linear")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -27,6 +28,7 @@ from droppath.residual import Residual
 __all__ = [
     "DEPTH_RULES",
     "TIME_RULES",
+    "TIME_RULE_TABLE",
     "DropRateScheduler",
     "convert",
     "depth_rates",
@@ -36,16 +38,6 @@ __all__ = [
 ]
 
 DEPTH_RULES = ("linear", "linspace", "uniform", "exp", "log", "sin", "sigmoid", "step")
-TIME_RULES = ("constant", "warmup", "early", "late", "pld")
-
-# The options each time rule takes: (required, optional with defaults).
-_TIME_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "constant": ((), {}),
-    "warmup": (("warmup_steps",), {}),
-    "early": (("cutoff_step",), {"shape": "linear"}),
-    "late": (("cutoff_step",), {}),
-    "pld": (("theta_bar", "gamma"), {}),
-}
 
 
 def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
@@ -230,28 +222,119 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
-def _time_factor(rule: str, step: int, options: dict[str, Any]) -> float:
-    """The multiplier of the depth rates at ``step`` (counted from 0) under a time rule."""
-    if rule == "constant":
-        return 1.0
-    if rule == "warmup":
-        return min(1.0, step / int(options["warmup_steps"]))
-    if rule == "early":
-        cutoff = int(options["cutoff_step"])
-        if step >= cutoff:
-            return 0.0
-        return 1.0 if options["shape"] == "constant" else 1.0 - step / cutoff
-    if rule == "late":
-        return 1.0 if step >= options["cutoff_step"] else 0.0
-    theta_bar, gamma = float(options["theta_bar"]), float(options["gamma"])
+_REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class RuleOption:
+    """An option of a time rule: its name, how a value is checked and converted (the check's
+    error names the option), its default (``_REQUIRED`` if none), and its type on the command
+    line (the flag is ``--`` + the name with dashes)."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    cli_type: type
+    default: Any = _REQUIRED
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class TimeRule:
+    """A time rule of :class:`DropRateScheduler`: ``factor(step, options)`` multiplies the depth
+    rates at ``step`` (counted from 0)."""
+
+    name: str
+    factor: Callable[[int, dict[str, Any]], float]
+    options: tuple[RuleOption, ...] = ()
+
+
+def _parse_theta_bar(value: Any) -> float:
+    theta_bar = check_probability(value, "theta_bar")
+    if theta_bar == 1.0:
+        raise ValueError("theta_bar must be a probability in [0, 1), got 1.0")
+    return theta_bar
+
+
+def _parse_gamma(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"gamma must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _pld(step: int, o: dict[str, Any]) -> float:
+    theta_bar, gamma = float(o["theta_bar"]), float(o["gamma"])
     theta = (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
     return (1.0 - theta) / (1.0 - theta_bar)
 
 
-def _check_time_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
-    check_choice(rule, "time_rule", TIME_RULES)
-    required, optional = _TIME_OPTIONS[rule]
-    allowed = (*required, *optional)
+def _early(step: int, o: dict[str, Any]) -> float:
+    if step >= o["cutoff_step"]:
+        return 0.0
+    return 1.0 if o["shape"] == "constant" else 1.0 - step / o["cutoff_step"]
+
+
+_CUTOFF = RuleOption(
+    "cutoff_step",
+    lambda v: check_positive_int(v, "cutoff_step", minimum=0),
+    int,
+    help="the step where the rule switches (early, late)",
+)
+
+# The time rules: everything about a rule is here, and the scheduler's checks, the command
+# line's flags and their messages are derived from this table.
+TIME_RULE_TABLE: dict[str, TimeRule] = {
+    rule.name: rule
+    for rule in (
+        TimeRule("constant", lambda step, o: 1.0),
+        TimeRule(
+            "warmup",
+            lambda step, o: min(1.0, step / o["warmup_steps"]),
+            (
+                RuleOption(
+                    "warmup_steps",
+                    lambda v: check_positive_int(v, "warmup_steps"),
+                    int,
+                    help="steps to reach the full rates (warmup)",
+                ),
+            ),
+        ),
+        TimeRule(
+            "early",
+            _early,
+            (
+                _CUTOFF,
+                RuleOption(
+                    "shape",
+                    lambda v: check_choice(v, "shape", ("linear", "constant")),
+                    str,
+                    default="linear",
+                    help="linear or constant rate before the cutoff (early; default: linear)",
+                ),
+            ),
+        ),
+        TimeRule("late", lambda step, o: 1.0 if step >= o["cutoff_step"] else 0.0, (_CUTOFF,)),
+        TimeRule(
+            "pld",
+            _pld,
+            (
+                RuleOption("theta_bar", _parse_theta_bar, float, help="final keep ratio (pld)"),
+                RuleOption("gamma", _parse_gamma, float, help="decay rate, > 0 (pld)"),
+            ),
+        ),
+    )
+}
+TIME_RULES = tuple(TIME_RULE_TABLE)
+
+
+def time_rule_options() -> dict[str, RuleOption]:
+    """Every option of every time rule, by name (the command line's flags)."""
+    return {o.name: o for rule in TIME_RULE_TABLE.values() for o in rule.options}
+
+
+def check_time_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for time rule ``rule``, checked and completed with the defaults."""
+    spec = TIME_RULE_TABLE[check_choice(rule, "time_rule", TIME_RULES)]
+    allowed = [o.name for o in spec.options]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         shown = ", ".join(allowed) if allowed else "none"
@@ -259,25 +342,10 @@ def _check_time_options(rule: str, options: dict[str, Any]) -> dict[str, Any]:
             f"time_rule={rule!r} takes the options {shown}, got unknown option(s) "
             f"{', '.join(unknown)}"
         )
-    missing = [k for k in required if k not in options]
+    missing = [o.name for o in spec.options if o.default is _REQUIRED and o.name not in options]
     if missing:
         raise ValueError(f"time_rule={rule!r} needs the option(s) {', '.join(missing)}")
-    out = {**optional, **options}
-    if rule == "warmup":
-        out["warmup_steps"] = check_positive_int(out["warmup_steps"], "warmup_steps")
-    if rule in ("early", "late"):
-        out["cutoff_step"] = check_positive_int(out["cutoff_step"], "cutoff_step", minimum=0)
-    if rule == "early":
-        check_choice(out["shape"], "shape", ("linear", "constant"))
-    if rule == "pld":
-        theta_bar = check_probability(out["theta_bar"], "theta_bar")
-        if theta_bar == 1.0:
-            raise ValueError("theta_bar must be a probability in [0, 1), got 1.0")
-        gamma = out["gamma"]
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not gamma > 0:
-            raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
-        out["theta_bar"], out["gamma"] = theta_bar, float(gamma)
-    return out
+    return {o.name: o.parse(options.get(o.name, o.default)) for o in spec.options}
 
 
 class DropRateScheduler:
@@ -342,7 +410,7 @@ class DropRateScheduler:
         self.base_rates = _resolve_rates(self.sites, p, depth_rule)
         self.depth_rule = depth_rule
         self.time_rule = time_rule
-        self.options = _check_time_options(time_rule, rule_options)
+        self.options = check_time_options(time_rule, rule_options)
         if total_steps is not None:
             total_steps = check_positive_int(total_steps, "total_steps")
             for key in ("warmup_steps", "cutoff_step"):
@@ -358,7 +426,7 @@ class DropRateScheduler:
     def rates_at(self, step: int) -> list[float]:
         """The rates of every site at ``step``, without changing the model."""
         step = check_positive_int(step, "step", minimum=0)
-        factor = _time_factor(self.time_rule, step, self.options)
+        factor = TIME_RULE_TABLE[self.time_rule].factor(step, self.options)
         return [rate * factor for rate in self.base_rates]
 
     def _update(self) -> None:
@@ -395,7 +463,7 @@ class DropRateScheduler:
         self.base_rates = [float(r) for r in state["base_rates"]]
         self.depth_rule = state["depth_rule"]
         self.time_rule = state["time_rule"]
-        self.options = _check_time_options(self.time_rule, dict(state["options"]))
+        self.options = check_time_options(self.time_rule, dict(state["options"]))
         self.total_steps = state["total_steps"]
         self.last_step = check_int(state["last_step"], "last_step")
         self._update()

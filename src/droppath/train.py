@@ -25,7 +25,15 @@ from torch import nn
 from droppath._checks import STRATEGIES, check_choice, check_positive_int, check_probability
 from droppath._progress import progress_bar
 from droppath.models.registry import MODEL_NAMES
-from droppath.schedules import DEPTH_RULES, TIME_RULES, DropRateScheduler, drop_path_sites
+from droppath.schedules import (
+    DEPTH_RULES,
+    TIME_RULE_TABLE,
+    TIME_RULES,
+    DropRateScheduler,
+    check_time_options,
+    drop_path_sites,
+    time_rule_options,
+)
 
 __all__ = ["Run", "TrainConfig", "add_train_parser", "train", "train_command"]
 
@@ -39,10 +47,7 @@ class TrainConfig:
     p: float | None = None
     rule: str = "linear"
     time_rule: str = "constant"
-    warmup_steps: int | None = None
-    cutoff_step: int | None = None
-    theta_bar: float | None = None
-    gamma: float | None = None
+    rule_options: dict[str, Any] = field(default_factory=dict)  # the time rule's options
     mode: str | None = None
     strategy: str = "auto"
     epochs: int = 10
@@ -85,21 +90,7 @@ class TrainConfig:
             raise ValueError(f"lr must be a number > 0, got {self.lr}")
         if self.stop_after is not None:
             self.stop_after = check_positive_int(self.stop_after, "stop_after")
-        self.rule_options()  # checks that the time rule has its options
-
-    def rule_options(self) -> dict[str, Any]:
-        names = {
-            "warmup": ("warmup_steps",),
-            "early": ("cutoff_step",),
-            "late": ("cutoff_step",),
-            "pld": ("theta_bar", "gamma"),
-        }.get(self.time_rule, ())
-        options = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-        missing = [n for n in names if n not in options]
-        if missing:
-            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-            raise ValueError(f"time_rule {self.time_rule!r} needs {flags}")
-        return options
+        self.rule_options = check_time_options(self.time_rule, dict(self.rule_options))
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -121,16 +112,19 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         default=None,
         help="drop rate of the last block (default: 0.5 for resnet, 0.1 for vit)",
     )
-    a("--rule", default=d.rule, help="depth rule: linear, linspace or uniform (default: linear)")
+    a("--rule", default=d.rule, help=f"depth rule: {', '.join(DEPTH_RULES)} (default: linear)")
     a(
         "--time-rule",
         default=d.time_rule,
-        help="constant, warmup, early, late or pld (default: constant)",
+        help=f"{', '.join(TIME_RULES)} (default: constant)",
     )
-    a("--warmup-steps", type=int, default=None, help="option of --time-rule warmup")
-    a("--cutoff-step", type=int, default=None, help="option of --time-rule early and late")
-    a("--theta-bar", type=float, default=None, help="option of --time-rule pld")
-    a("--gamma", type=float, default=None, help="option of --time-rule pld")
+    for option in time_rule_options().values():  # one flag per option of the time rules' table
+        a(
+            f"--{option.name.replace('_', '-')}",
+            type=option.cli_type,
+            default=None,
+            help=option.help,
+        )
     a(
         "--mode",
         default=None,
@@ -314,7 +308,7 @@ class Run:
             [float(getattr(m, "p", 0.0)) for _, m in self.sites],
             depth_rule=cfg.rule,
             time_rule=cfg.time_rule,
-            **cfg.rule_options(),
+            **cfg.rule_options,
         )
         dataset = TensorDataset(data.x_train, data.y_train)
         self.sampler: DistributedSampler[Any] | None = None
@@ -577,8 +571,23 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
             tdist.destroy_process_group()
 
 
+def _rule_options_from_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The time rule's options from their flags; a flag of another rule is an error."""
+    from droppath.cli import UsageError
+
+    given = {n: getattr(ns, n) for n in time_rule_options() if getattr(ns, n, None) is not None}
+    rule = TIME_RULE_TABLE.get(ns.time_rule)
+    allowed = {o.name for o in rule.options} if rule else set(given)
+    stray = sorted(set(given) - allowed)
+    if stray:
+        flags = ", ".join("--" + n.replace("_", "-") for n in stray)
+        raise UsageError(f"{flags} is not an option of --time-rule {ns.time_rule}")
+    return given
+
+
 def train_command(ns: argparse.Namespace) -> int:
     from droppath.cli import config_from_args
 
-    train(config_from_args(TrainConfig, ns, progress=not ns.no_progress))
+    options = _rule_options_from_flags(ns)
+    train(config_from_args(TrainConfig, ns, progress=not ns.no_progress, rule_options=options))
     return 0
