@@ -88,7 +88,7 @@ def test_resume_gives_the_same_weights(tmp_path, mode):
         (["--time-rule", "warmup"], "time_rule='warmup' needs the option(s) warmup_steps"),
         (["--time-rule", "late", "--warmup-steps", "3"], "--warmup-steps is not an option of"),
         (["--mode", "layer"], "mode must be one of 'row', 'batch', got 'layer'"),
-        (["--data", "cifar10"], "--data cifar10 needs --data-dir PATH"),
+        (["--data", "cifar10"], "data 'cifar10' needs data_dir, the folder that holds it"),
         (["--data", "cifar10", "--data-dir", "/nonexistent/x"], "data folder not found"),
     ],
 )
@@ -106,7 +106,7 @@ def test_unwritable_output(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", "--out", str(blocker / "sub"), *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not writable" in err[0]
+    assert len(err) == 1 and "out must be a writable folder" in err[0]
 
 
 def test_cli_subprocess_prints_no_traceback(tmp_path):
@@ -328,8 +328,9 @@ def test_torchrun_two_processes(tmp_path):
 def test_every_time_rule_option_has_its_flag():
     # One table declares the rules; the flags come from it (early's shape included).
     from droppath.cli import build_parser
+    from droppath.commands.train import _rule_options_from_flags
     from droppath.schedules import TIME_RULE_TABLE
-    from droppath.train import TrainConfig, _rule_options_from_flags
+    from droppath.train import TrainConfig
 
     parser = build_parser()
     for rule in TIME_RULE_TABLE.values():

@@ -28,7 +28,7 @@ from droppath.models.vit import SmallViT, _Attention, _mlp
 from droppath.residual import Residual
 from droppath.schedules import DEPTH_RULES, depth_rates
 
-__all__ = ["BenchConfig", "format_table", "run_bench"]
+__all__ = ["BenchConfig", "check_device", "format_table", "run_bench", "write_json"]
 
 KINDS = ("mlp", "attn", "conv", "vit", "llama")
 
@@ -497,7 +497,7 @@ def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     os.replace(tmp, target)
 
 
-def _check_device(device: str) -> torch.device:
+def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -507,22 +507,3 @@ def _check_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device must be 'cpu' on this machine (no CUDA), got {device!r}")
     return dev
-
-
-def bench_command(ns: Any) -> int:
-    from droppath.cli import UsageError, config_from_args
-
-    try:
-        _check_device(ns.device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if ns.json:  # checked before the work, not after it
-        folder = Path(ns.json).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise UsageError(f"--json must be a path in a writable folder, got {ns.json!r}")
-    cfg = config_from_args(BenchConfig, ns)
-    report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
-    print(format_table(report))
-    if ns.json:
-        write_json(report, ns.json)
-    return 0

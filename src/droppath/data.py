@@ -22,7 +22,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class DataError(Exception):
-    """A data set that is missing, incomplete or not in the expected format."""
+    """What a run reads or writes is not usable: a data set missing, incomplete or not in the
+    expected format, or an output folder that cannot be written. The command line reports it in
+    one line."""
 
 
 @dataclass
@@ -197,7 +199,7 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int = 32) -
         allowed = ", ".join(repr(d) for d in DATASETS)
         raise DataError(f"data must be one of {allowed}, got {name!r}")
     if not data_dir:
-        raise DataError(f"--data {name} needs --data-dir PATH")
+        raise DataError(f"data {name!r} needs data_dir, the folder that holds it")
     if name == "cifar10":
         return load_cifar10(data_dir)
     return load_image_folder(data_dir, image_size)

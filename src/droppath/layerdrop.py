@@ -31,6 +31,7 @@ from droppath._checks import (
     check_probability,
 )
 from droppath.drop import _DropBase
+from droppath.rates import resolve_rates
 from droppath.residual import _draw_gate, _draw_rows, _eager, _host_side, _skip, _split
 
 __all__ = ["LayerDrop", "SkippedLayer", "layer_drop"]
@@ -427,8 +428,6 @@ def layer_drop(
         >>> type(model.layers[0]).__name__, list(model.state_dict())[:2]
         ('Layer', ['layers.0.lin.weight', 'layers.0.lin.bias'])
     """
-    from droppath.schedules import _resolve_sites_rates
-
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("model must be a Python nn.Module, got a TorchScript module")
     if not isinstance(model, nn.Module):
@@ -448,7 +447,7 @@ def layer_drop(
             f"layers must be a non-empty nn.ModuleList of the model, got {type(stack).__name__}"
         )
     names = [f"{name}.{i}" if name else str(i) for i in range(len(stack))]
-    rates = _resolve_sites_rates(len(stack), p, rule)
+    rates = resolve_rates(len(stack), p, rule)
     for layer, rate in zip(stack, rates, strict=True):
         if not isinstance(layer, _LayerDropSite):
             layer.__class__ = _site_class(type(layer))

@@ -6,7 +6,6 @@ on CPUs, NCCL on GPUs, with a DistributedSampler); only rank 0 prints and writes
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -24,18 +23,17 @@ from torch import nn
 
 from droppath._checks import STRATEGIES, check_choice, check_positive_int, check_probability
 from droppath._progress import progress_bar
+from droppath.data import DataError
 from droppath.models.registry import MODEL_NAMES
 from droppath.schedules import (
     DEPTH_RULES,
-    TIME_RULE_TABLE,
     TIME_RULES,
     DropRateScheduler,
     check_time_options,
     drop_path_sites,
-    time_rule_options,
 )
 
-__all__ = ["Run", "TrainConfig", "add_train_parser", "train", "train_command"]
+__all__ = ["Run", "TrainConfig", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -91,70 +89,6 @@ class TrainConfig:
         if self.stop_after is not None:
             self.stop_after = check_positive_int(self.stop_after, "stop_after")
         self.rule_options = check_time_options(self.time_rule, dict(self.rule_options))
-
-
-def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    d = TrainConfig()
-    p = sub.add_parser(
-        "train",
-        help="train a reference model; --compare: with and without stochastic depth",
-        description="Train a reference model and report test accuracy and time per epoch. With "
-        "--compare, train it twice with the same seed, with and without stochastic depth, and "
-        "print them side by side. Works the same under torchrun --nproc_per_node=N.",
-    )
-    a = p.add_argument
-    a("--model", default=d.model, help="resnet (the paper's CIFAR ResNet) or vit (default: resnet)")
-    a("--depth", type=int, default=None, help="resnet: 6n+2 (default 110); vit: blocks (default 6)")
-    a(
-        "-p",
-        "--p",
-        type=float,
-        default=None,
-        help="drop rate of the last block (default: 0.5 for resnet, 0.1 for vit)",
-    )
-    a("--rule", default=d.rule, help=f"depth rule: {', '.join(DEPTH_RULES)} (default: linear)")
-    a(
-        "--time-rule",
-        default=d.time_rule,
-        help=f"{', '.join(TIME_RULES)} (default: constant)",
-    )
-    for option in time_rule_options().values():  # one flag per option of the time rules' table
-        a(
-            f"--{option.name.replace('_', '-')}",
-            type=option.cli_type,
-            default=None,
-            help=option.help,
-        )
-    a(
-        "--mode",
-        default=None,
-        help="batch or row (default: batch for resnet, as in the paper; row for vit)",
-    )
-    a("--strategy", default=d.strategy, help="row mode: auto, subset or mask (default: auto)")
-    a("--epochs", type=int, default=d.epochs, help=f"epochs (default: {d.epochs})")
-    a(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"global batch size, split across processes (default: {d.batch_size})",
-    )
-    a("--lr", type=float, default=d.lr, help=f"SGD learning rate, cosine decay (default: {d.lr})")
-    a("--seed", type=int, default=d.seed, help="seed (default: 0)")
-    a("--out", default=d.out, help=f"output folder (default: {d.out})")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--compare", action="store_true", help="also train without stochastic depth and compare")
-    a("--data", default=d.data, help="digits (bundled), cifar10 or folder (default: digits)")
-    a("--data-dir", default=None, help="folder of --data cifar10 or --data folder")
-    a("--image-size", type=int, default=d.image_size, help="side of --data folder images")
-    a("--resume", action="store_true", help="continue from the checkpoints in --out")
-    a(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="stop once this many epochs are done, as an interruption would (to test --resume)",
-    )
-    a("--threads", type=int, default=None, help="torch threads per process")
-    a("--no-progress", action="store_true", help="no progress bar")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,15 +153,13 @@ def _write_metrics(folder: Path, history: list[dict[str, float]]) -> None:
 
 
 def _check_writable(out: Path) -> None:
-    from droppath.cli import UsageError
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".droppath-write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"output folder {str(out)!r} is not writable ({e.strerror})") from None
+        raise DataError(f"out must be a writable folder, got {str(out)!r} ({e.strerror})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,8 +445,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Run the training described by ``cfg``; return one result per run."""
-    from droppath.cli import UsageError
-    from droppath.data import DataError, load_dataset
+    from droppath.data import load_dataset
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -524,10 +455,7 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         out = Path(cfg.out)
         if dist.main:
             _check_writable(out)
-        try:
-            data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size)
-        except DataError as e:
-            raise UsageError(str(e)) from None
+        data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size)
         plan = [("with_sd", cfg.p or 0.0)]
         if cfg.compare:
             plan.append(("without_sd", 0.0))
@@ -569,25 +497,3 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
             active.clear()
             gc.collect()
             tdist.destroy_process_group()
-
-
-def _rule_options_from_flags(ns: argparse.Namespace) -> dict[str, Any]:
-    """The time rule's options from their flags; a flag of another rule is an error."""
-    from droppath.cli import UsageError
-
-    given = {n: getattr(ns, n) for n in time_rule_options() if getattr(ns, n, None) is not None}
-    rule = TIME_RULE_TABLE.get(ns.time_rule)
-    allowed = {o.name for o in rule.options} if rule else set(given)
-    stray = sorted(set(given) - allowed)
-    if stray:
-        flags = ", ".join("--" + n.replace("_", "-") for n in stray)
-        raise UsageError(f"{flags} is not an option of --time-rule {ns.time_rule}")
-    return given
-
-
-def train_command(ns: argparse.Namespace) -> int:
-    from droppath.cli import config_from_args
-
-    options = _rule_options_from_flags(ns)
-    train(config_from_args(TrainConfig, ns, progress=not ns.no_progress, rule_options=options))
-    return 0

@@ -1,0 +1,89 @@
+"""``droppath bench``: the parser and the handler (the work is in ``droppath.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from droppath.commands import UsageError, config_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``droppath bench`` to the command line."""
+    p = sub.add_parser(
+        "bench",
+        help="time a training step of a residual stack with each drop path variant",
+        description="Time forward + backward of a residual stack: plain residual, the "
+        "mask-multiply drop path of timm/torchvision, and droppath.Residual with each strategy, "
+        "interleaved in one process; print medians and ratios.",
+    )
+    p.add_argument(
+        "--kind",
+        default="mlp",
+        help="mlp or attn (a stack of transformer branches), conv (the CIFAR ResNet trunk), vit "
+        "(a small ViT on 32x32 images) or llama (a small Hugging Face Llama, layer drop; needs "
+        "transformers) (default: mlp)",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="residual blocks (default: 12; 54 for conv, ResNet-110's trunk; 6 ViT blocks)",
+    )
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 64; 16 for llama)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="token width, or first-stage channels for conv (default: 192; 16)",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens per sample (default: 32; 128 for llama)"
+    )
+    p.add_argument("-p", "--p", type=float, default=0.5, help="drop rate (default: 0.5)")
+    p.add_argument(
+        "--rule",
+        default="uniform",
+        help="depth rule: uniform, linear (the paper's decay to p), linspace, exp, log, sin, "
+        "sigmoid or step (default: uniform)",
+    )
+    p.add_argument("--mode", default="row", help="row or batch (default: row)")
+    p.add_argument("--reps", type=int, default=20, help="timed steps per variant (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--compile", action="store_true", help="time every variant under torch.compile (default)"
+    )
+    p.add_argument(
+        "--bucket",
+        type=int,
+        default=None,
+        help="also time row subset with batch sizes padded to a multiple of BUCKET",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(ns: Any) -> int:
+    """Check the options, run the bench, print the table, write the JSON."""
+    from droppath.bench import BenchConfig, check_device, format_table, run_bench, write_json
+
+    try:
+        check_device(ns.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if ns.json:  # checked before the work, not after it
+        folder = Path(ns.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"--json must be a path in a writable folder, got {ns.json!r}")
+    cfg = config_from_args(BenchConfig, ns)
+    report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
+    print(format_table(report))
+    if ns.json:
+        write_json(report, ns.json)
+    return 0

@@ -1,0 +1,101 @@
+"""``droppath train``: the parser and the handler (the work is in ``droppath.train``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from droppath.commands import UsageError, config_from_args
+from droppath.data import DataError
+from droppath.rates import DEPTH_RULES
+from droppath.schedules import TIME_RULE_TABLE, TIME_RULES, time_rule_options
+from droppath.train import TrainConfig, train
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``droppath train`` to the command line."""
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a reference model; --compare: with and without stochastic depth",
+        description="Train a reference model and report test accuracy and time per epoch. With "
+        "--compare, train it twice with the same seed, with and without stochastic depth, and "
+        "print them side by side. Works the same under torchrun --nproc_per_node=N.",
+    )
+    a = p.add_argument
+    a("--model", default=d.model, help="resnet (the paper's CIFAR ResNet) or vit (default: resnet)")
+    a("--depth", type=int, default=None, help="resnet: 6n+2 (default 110); vit: blocks (default 6)")
+    a(
+        "-p",
+        "--p",
+        type=float,
+        default=None,
+        help="drop rate of the last block (default: 0.5 for resnet, 0.1 for vit)",
+    )
+    a("--rule", default=d.rule, help=f"depth rule: {', '.join(DEPTH_RULES)} (default: linear)")
+    a(
+        "--time-rule",
+        default=d.time_rule,
+        help=f"{', '.join(TIME_RULES)} (default: constant)",
+    )
+    for option in time_rule_options().values():  # one flag per option of the time rules' table
+        a(
+            f"--{option.name.replace('_', '-')}",
+            type=option.cli_type,
+            default=None,
+            help=option.help,
+        )
+    a(
+        "--mode",
+        default=None,
+        help="batch or row (default: batch for resnet, as in the paper; row for vit)",
+    )
+    a("--strategy", default=d.strategy, help="row mode: auto, subset or mask (default: auto)")
+    a("--epochs", type=int, default=d.epochs, help=f"epochs (default: {d.epochs})")
+    a(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"global batch size, split across processes (default: {d.batch_size})",
+    )
+    a("--lr", type=float, default=d.lr, help=f"SGD learning rate, cosine decay (default: {d.lr})")
+    a("--seed", type=int, default=d.seed, help="seed (default: 0)")
+    a("--out", default=d.out, help=f"output folder (default: {d.out})")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compare", action="store_true", help="also train without stochastic depth and compare")
+    a("--data", default=d.data, help="digits (bundled), cifar10 or folder (default: digits)")
+    a("--data-dir", default=None, help="folder of --data cifar10 or --data folder")
+    a("--image-size", type=int, default=d.image_size, help="side of --data folder images")
+    a("--resume", action="store_true", help="continue from the checkpoints in --out")
+    a(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop once this many epochs are done, as an interruption would (to test --resume)",
+    )
+    a("--threads", type=int, default=None, help="torch threads per process")
+    a("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _rule_options_from_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The time rule's options from their flags; a flag of another rule is an error."""
+    given = {n: getattr(ns, n) for n in time_rule_options() if getattr(ns, n, None) is not None}
+    rule = TIME_RULE_TABLE.get(ns.time_rule)
+    allowed = {o.name for o in rule.options} if rule else set(given)
+    stray = sorted(set(given) - allowed)
+    if stray:
+        flags = ", ".join("--" + n.replace("_", "-") for n in stray)
+        raise UsageError(f"{flags} is not an option of --time-rule {ns.time_rule}")
+    return given
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Build the config from the options and train; data problems become one-line errors."""
+    options = _rule_options_from_flags(ns)
+    cfg = config_from_args(TrainConfig, ns, progress=not ns.no_progress, rule_options=options)
+    try:
+        train(cfg)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    return 0

@@ -1,0 +1,87 @@
+"""Drop rates across depth: ``depth_rates`` and its rules.
+
+A module of its own, below everything that applies rates (``schedules``, ``layerdrop``, the
+models), so that none of them needs another to know the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from droppath._checks import check_choice, check_positive_int, check_probability
+
+__all__ = ["DEPTH_RULES", "depth_rates", "resolve_rates"]
+
+DEPTH_RULES = ("linear", "linspace", "uniform", "exp", "log", "sin", "sigmoid", "step")
+
+
+def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
+    """The drop rate of each of ``n`` blocks, from the input side to the output side.
+
+    Rules:
+
+    - ``"linear"``: Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016), eq. (4): block
+      ``l`` of ``n``, counted from 1, drops with ``p * l / n``; the last block drops with ``p``.
+    - ``"linspace"``: what timm and torchvision models compute, ``torch.linspace(0, p, n)``: block
+      ``l``, counted from 0, drops with ``p * l / (n - 1)``; the first block never drops.
+    - ``"uniform"``: every block drops with ``p`` (the paper's "uniform" alternative).
+    - The curves of LayerSkip (Elhoushi et al., ACL 2024) as torchtune computes them
+      (``torchtune/modules/layer_dropout.py``, ``get_scale`` with ``scale_period = n - 1`` and
+      block ``l`` counted from 0; one block alone drops with ``p``), with ``t = l / (n - 1)``:
+      ``"exp"``: ``p * (2 ** t - 1)``; ``"log"``: ``p * log(l + 1) / log(n)``; ``"sin"``:
+      ``p * sin(pi * t / 2)``; ``"sigmoid"``: ``p / (1 + exp(-10 * (t - 0.5)))``.
+    - ``"step"``: the first ``n // 2`` blocks never drop, the others drop with ``p``. torchtune
+      names a ``STEP`` scale without a formula; this one is droppath's.
+
+    The rates are Python floats computed on the host, so they are the same for a model on any
+    device, the meta device included.
+
+    Args:
+        n: the number of blocks, an int >= 0.
+        p: the largest rate, in [0, 1].
+        rule: one of the rules above. Default: ``"linear"``.
+
+    Examples:
+        >>> from droppath import depth_rates
+        >>> depth_rates(4, 0.5)
+        [0.125, 0.25, 0.375, 0.5]
+        >>> depth_rates(5, 0.2, rule="linspace")
+        [0.0, 0.05, 0.1, 0.15000000000000002, 0.2]
+        >>> depth_rates(3, 0.1, rule="uniform")
+        [0.1, 0.1, 0.1]
+    """
+    n = check_positive_int(n, "n", minimum=0)
+    p = check_probability(p)
+    check_choice(rule, "rule", DEPTH_RULES)
+    if rule == "linear":
+        return [p * (i / n) for i in range(1, n + 1)]
+    if rule == "linspace":
+        return [p * (i / (n - 1)) if n > 1 else 0.0 for i in range(n)]
+    if rule == "step":
+        return [p if i >= n // 2 else 0.0 for i in range(n)]
+    if rule in _CURVES:
+        return [p * _CURVES[rule](i, n - 1) if n > 1 else p for i in range(n)]
+    return [p] * n
+
+
+# torchtune's get_scale(scale_type, scale_period, val), 0 at the first block, about 1 at the last.
+_CURVES: dict[str, Callable[[int, int], float]] = {
+    "exp": lambda i, m: math.exp(i * math.log(2) / m) - 1,
+    "log": lambda i, m: math.log(i + 1) / math.log(m + 1),
+    "sin": lambda i, m: math.sin(0.5 * math.pi * i / m),
+    "sigmoid": lambda i, m: 1 / (1 + math.exp(-10 * (i / m - 0.5))),
+}
+
+
+def resolve_rates(n: int, p: float | Sequence[float], rule: str) -> list[float]:
+    """The rates of ``n`` sites: ``p`` if it is a sequence of ``n`` rates, else by ``rule``."""
+    if isinstance(p, Sequence) and not isinstance(p, str):
+        if len(p) != n:
+            raise ValueError(
+                f"p must have one rate per drop-path site: the model has {n} sites, "
+                f"got {len(p)} rates"
+            )
+        check_choice(rule, "rule", DEPTH_RULES)
+        return [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
+    return depth_rates(n, p, rule)

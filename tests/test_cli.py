@@ -1,0 +1,58 @@
+"""The command line's layering: commands on top of the library, no import cycle in src/."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _imports():
+    """Module name -> the droppath modules it imports, at the top or inside functions."""
+    graph = {}
+    for path in (SRC / "droppath").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                assert not node.level, f"{name}: droppath uses absolute imports"
+                deps.add(node.module or "")
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {d for d in deps if d.startswith("droppath") and d != name}
+    return graph
+
+
+def test_no_import_cycle_in_src():
+    graph = _imports()
+    modules = set(graph)
+    edges = {m: {d for d in deps if d in modules and d != "droppath"} for m, deps in graph.items()}
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in edges[m]:
+            if state.get(d) == "open":
+                raise AssertionError(" -> ".join([*stack, m, d]))
+            if d not in state:
+                visit(d, [*stack, m])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+    assert "droppath.train" in edges and "droppath.commands.train" in edges
+
+
+def test_library_never_imports_the_command_line():
+    graph = _imports()
+    library = [
+        m
+        for m in graph
+        if not m.startswith(("droppath.cli", "droppath.commands", "droppath.__main__"))
+    ]
+    for m in library:
+        assert not {d for d in graph[m] if d.startswith(("droppath.cli", "droppath.commands"))}, m
