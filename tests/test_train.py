@@ -90,6 +90,20 @@ def test_resume_gives_the_same_weights(tmp_path, mode):
         (["--mode", "layer"], "mode must be one of 'row', 'batch', got 'layer'"),
         (["--data", "cifar10"], "data 'cifar10' needs data_dir, the folder that holds it"),
         (["--data", "cifar10", "--data-dir", "/nonexistent/x"], "data folder not found"),
+        (
+            ["--time-rule", "warmup", "--warmup-steps", "-5"],
+            "warmup_steps must be an int >= 1, got -5",
+        ),
+        (
+            ["--time-rule", "pld", "--theta-bar", "2", "--gamma", "0.1"],
+            "theta_bar must be a probability in [0, 1], got 2.0",
+        ),
+        (["--threads", "-1"], "threads must be an int >= 1, got -1"),
+        (["--image-size", "0"], "image_size must be an int >= 1, got 0"),
+        (["--mode", "batch", "--strategy", "subset"], "strategy applies to mode 'row' only"),
+        (["--data-dir", "/tmp"], "data_dir is for data 'cifar10' or 'folder'"),
+        (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+        (["--resume"], "resume found no checkpoint at"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
@@ -349,3 +363,77 @@ def test_every_time_rule_option_has_its_flag():
     assert TrainConfig(time_rule="early", rule_options={"cutoff_step": 3}).rule_options[
         "shape"
     ] == ("linear")
+
+
+def _tree(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, args, message):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("droppath train: error: ") and message in err[0], err
+
+
+def test_resume_with_a_bad_checkpoint_is_one_line_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--stop-after", "1", "--out", str(out), *FAST]) == 0
+    ckpt = out / "with_sd" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    cases = {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+    }
+    for name, data in cases.items():
+        ckpt.write_bytes(data)
+        before = _tree(out)
+        _one_line_error(
+            capsys, ["--epochs", "2", "--resume", "--out", str(out), *FAST], "resume cannot use"
+        )
+        assert _tree(out) == before, name
+    ckpt.write_bytes(good)
+    for args in (["--depth", "32"], ["--model", "vit", "--depth", "2"]):  # another model
+        before = _tree(out)
+        flags = [f for f in FAST if f not in ("--depth", "20")]
+        _one_line_error(
+            capsys,
+            ["--epochs", "2", "--resume", "--out", str(out), *flags, *args],
+            "resume cannot use",
+        )
+        assert _tree(out) == before
+    assert main(["train", "--epochs", "2", "--resume", "--out", str(out), *FAST]) == 0
+    assert "with_sd: resuming from" in capsys.readouterr().out
+
+
+def test_previous_run_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--compare", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    _one_line_error(capsys, ["--epochs", "1", "--out", str(out), *FAST], "holds a previous run")
+    assert _tree(out) == before
+    assert main(["train", "--epochs", "1", "--overwrite", "--out", str(out), *FAST]) == 0
+    assert not (out / "without_sd" / "checkpoint.pt").exists()  # the other run's stale files go
+    assert (out / "with_sd" / "checkpoint.pt").exists() and (out / "results.json").exists()
+
+
+def test_interrupt_waits_for_the_files_then_stops(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from droppath import train as train_module
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with train_module._interrupt_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the block went on to its end")
+    assert done
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Run, "train_epoch", interrupted)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "x"), *FAST]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"droppath train: interrupted; continue with --resume --out {tmp_path / 'x'}"]

@@ -98,7 +98,13 @@ def _split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple[Tenso
 
 def load_digits() -> Dataset:
     """scikit-learn's bundled handwritten digits: 1,797 8x8 images, 10 classes, a fixed split."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError(
+            "data 'digits' needs scikit-learn, which droppath's train extra installs: "
+            "pip install 'droppath[train]'"
+        ) from None
 
     bunch = sk_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -6,13 +6,17 @@ on CPUs, NCCL on GPUs, with a DistributedSampler); only rank 0 prints and writes
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ class TrainConfig:
     stop_after: int | None = None
     progress: bool = True
     threads: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.model, "model", MODEL_NAMES)
@@ -88,6 +93,20 @@ class TrainConfig:
             raise ValueError(f"lr must be a number > 0, got {self.lr}")
         if self.stop_after is not None:
             self.stop_after = check_positive_int(self.stop_after, "stop_after")
+        if self.threads is not None:
+            self.threads = check_positive_int(self.threads, "threads")
+        self.image_size = check_positive_int(self.image_size, "image_size")
+        if self.mode == "batch" and self.strategy != "auto":
+            raise ValueError(
+                f"strategy applies to mode 'row' only, got strategy={self.strategy!r} with "
+                "mode='batch'"
+            )
+        if self.data_dir is not None and self.data == "digits":
+            raise ValueError(
+                "data_dir is for data 'cifar10' or 'folder', got one with data 'digits' (bundled)"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other, got both")
         self.rule_options = check_time_options(self.time_rule, dict(self.rule_options))
 
 
@@ -150,6 +169,44 @@ def _write_metrics(folder: Path, history: list[dict[str, float]]) -> None:
         writer.writeheader()
         writer.writerows(history)
     _atomic_write_bytes(folder / "metrics.csv", text.getvalue().encode())
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it: files written together stay
+    consistent. Only in the main thread, where signal handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _check_fresh(out: Path, plan: list[str]) -> None:
+    """Refuse to write over a previous run in ``out`` unless told to (``overwrite``)."""
+    old = [out / "results.json", *(out / name / CHECKPOINT for name in plan)]
+    found = [str(p.relative_to(out)) for p in old if p.exists()]
+    if found:
+        raise DataError(
+            f"out {str(out)!r} holds a previous run ({', '.join(found)}): resume it, or "
+            "overwrite it"
+        )
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what a previous run wrote in ``out`` (only droppath's own files)."""
+    names = ("results.md", "results.json", "plot.png")
+    run_files = (CHECKPOINT, "metrics.json", "metrics.csv")
+    for path in [out / n for n in names] + [
+        out / r / n for r in ("with_sd", "without_sd") for n in run_files
+    ]:
+        path.unlink(missing_ok=True)
 
 
 def _check_writable(out: Path) -> None:
@@ -221,9 +278,6 @@ class Run:
     def __init__(
         self, cfg: TrainConfig, data: Any, p: float, folder: Path, dist: Dist, label: str
     ) -> None:
-        from torch.utils.data import DataLoader, TensorDataset
-        from torch.utils.data.distributed import DistributedSampler
-
         self.cfg, self.data, self.p, self.folder, self.dist, self.label = (
             cfg,
             data,
@@ -242,21 +296,8 @@ class Run:
             time_rule=cfg.time_rule,
             **cfg.rule_options,
         )
-        dataset = TensorDataset(data.x_train, data.y_train)
-        self.sampler: DistributedSampler[Any] | None = None
         self.loader_gen = torch.Generator()
-        if dist.world > 1:
-            self.sampler = DistributedSampler(
-                dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed
-            )
-        self.loader = DataLoader(
-            dataset,
-            batch_size=max(1, cfg.batch_size // dist.world),
-            shuffle=self.sampler is None,
-            sampler=self.sampler,
-            generator=self.loader_gen if self.sampler is None else None,
-            drop_last=True,
-        )
+        self.sampler, self.loader = self._make_loader()
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -270,16 +311,8 @@ class Run:
         self.history: list[dict[str, float]] = []
         self.epochs_done = 0
         self.rng = _rng_state(dist.device)
-        ckpt_path = folder / CHECKPOINT
-        if cfg.resume and ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location=dist.device, weights_only=True)
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.lr_sched.load_state_dict(ckpt["lr_scheduler"])
-            self.drop_sched.load_state_dict(ckpt["drop_scheduler"])
-            self.rng = ckpt["rng"]
-            self.history = list(ckpt["history"])
-            self.epochs_done = int(ckpt["epoch"])
+        if cfg.resume:
+            self.resume()
         self.net: nn.Module = self.model
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -287,6 +320,74 @@ class Run:
             self.net = DistributedDataParallel(self.model)
         if cfg.compile:
             self.net = torch.compile(self.net)  # type: ignore[assignment]
+
+    def _make_loader(self) -> tuple[Any, Any]:
+        """The training batches: shuffled by ``loader_gen`` (one order per epoch), or split across
+        processes by a ``DistributedSampler``."""
+        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data.distributed import DistributedSampler
+
+        cfg, dist = self.cfg, self.dist
+        dataset = TensorDataset(self.data.x_train, self.data.y_train)
+        sampler: DistributedSampler[Any] | None = None
+        if dist.world > 1:
+            sampler = DistributedSampler(
+                dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed
+            )
+        loader = DataLoader(
+            dataset,
+            batch_size=max(1, cfg.batch_size // dist.world),
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=self.loader_gen if sampler is None else None,
+            drop_last=True,
+        )
+        return sampler, loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: the checkpoint's contents."""
+        return {
+            "epoch": self.epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_sched.state_dict(),
+            "drop_scheduler": self.drop_sched.state_dict(),
+            "rng": self.rng,
+            "history": self.history,
+            "config": asdict(self.cfg),
+            "p": self.p,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s contents."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr_scheduler"])
+        self.drop_sched.load_state_dict(state["drop_scheduler"])
+        self.rng = state["rng"]
+        self.history = list(state["history"])
+        self.epochs_done = int(state["epoch"])
+
+    def resume(self) -> None:
+        """Load this run's checkpoint; say what is resumed. A missing checkpoint, or one that is
+        damaged or from another model, is a :class:`DataError` and leaves the files as they are."""
+        path = self.folder / CHECKPOINT
+        if not path.is_file():
+            raise DataError(
+                f"resume found no checkpoint at {str(path)!r}: run without resume to start fresh"
+            )
+        try:
+            state = torch.load(path, map_location=self.dist.device, weights_only=True)
+            self.load_state_dict(state)
+        except (OSError, EOFError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"resume cannot use {str(path)!r}: not a checkpoint of this run "
+                f"({type(e).__name__}: {reason[:160]})"
+            ) from None
+        if self.dist.main:
+            done = f"{self.epochs_done} of {self.cfg.epochs} epochs done"
+            print(f"{self.label}: resuming from {path}, {done}")
 
     def train_epoch(self) -> None:
         """Train one epoch, evaluate, and (rank 0) write the checkpoint and the metrics."""
@@ -343,21 +444,9 @@ class Run:
         self.epochs_done = epoch + 1
         self.rng = _rng_state(dist.device)
         if dist.main:
-            _atomic_save(
-                {
-                    "epoch": self.epochs_done,
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_sched.state_dict(),
-                    "drop_scheduler": self.drop_sched.state_dict(),
-                    "rng": self.rng,
-                    "history": self.history,
-                    "config": asdict(cfg),
-                    "p": self.p,
-                },
-                self.folder / CHECKPOINT,
-            )
-            _write_metrics(self.folder, self.history)
+            with _interrupt_deferred():  # Ctrl-C waits: the three files always agree
+                _atomic_save(self.state_dict(), self.folder / CHECKPOINT)
+                _write_metrics(self.folder, self.history)
 
     def expected_depth(self) -> float:
         """The sum of the sites' keep rates at the current step."""
@@ -414,7 +503,11 @@ def format_results(runs: list[dict[str, Any]]) -> str:
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no {path.name}: plotting needs matplotlib: pip install 'droppath[train]'")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -433,8 +526,11 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: whole numbers
     axes[2].set_ylim(bottom=0)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -459,6 +555,11 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         plan = [("with_sd", cfg.p or 0.0)]
         if cfg.compare:
             plan.append(("without_sd", 0.0))
+        if dist.main and not cfg.resume:
+            if cfg.overwrite:
+                _clear_previous(out)
+            else:
+                _check_fresh(out, ["with_sd", "without_sd"])
         for name, p in plan:
             folder = out / name
             if dist.main:

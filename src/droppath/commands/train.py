@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from droppath.commands import UsageError, config_from_args
@@ -68,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a("--image-size", type=int, default=d.image_size, help="side of --data folder images")
     a("--resume", action="store_true", help="continue from the checkpoints in --out")
     a(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --out (without it, a previous run there is an error)",
+    )
+    a(
         "--stop-after",
         type=int,
         default=None,
@@ -98,4 +104,9 @@ def run(ns: argparse.Namespace) -> int:
         train(cfg)
     except DataError as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:  # files are written together (see droppath.train): consistent
+        print(
+            f"droppath train: interrupted; continue with --resume --out {cfg.out}", file=sys.stderr
+        )
+        return 130
     return 0
