@@ -21,10 +21,16 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from droppath._checks import check_bucket, check_choice, check_positive_int, check_probability
+from droppath._checks import (
+    MODES,
+    check_bucket,
+    check_choice,
+    check_positive_int,
+    check_probability,
+)
 from droppath._progress import progress_bar
 from droppath.models.resnet import CifarResNet
-from droppath.models.vit import SmallViT, _Attention, _mlp
+from droppath.models.vit import AttentionBranch, SmallViT, mlp_branch
 from droppath.residual import Residual
 from droppath.schedules import DEPTH_RULES, depth_rates
 
@@ -87,7 +93,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_choice(self.kind, "kind", KINDS)
         check_choice(self.rule, "rule", DEPTH_RULES)
-        check_choice(self.mode, "mode", ("row", "batch"))
+        check_choice(self.mode, "mode", MODES)
         self.p = check_probability(self.p)
         if self.depth is None:
             self.depth = {"conv": 54, "vit": 6, "llama": 8}.get(self.kind, 12)
@@ -150,9 +156,9 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
     heads = max(1, width // 64)
     make: Callable[[], nn.Module]
     if cfg.kind == "mlp":
-        make = lambda: _mlp(width, 4 * width)  # noqa: E731
+        make = lambda: mlp_branch(width, 4 * width)  # noqa: E731
     else:
-        make = lambda: _Attention(width, heads)  # noqa: E731
+        make = lambda: AttentionBranch(width, heads)  # noqa: E731
     model = nn.Sequential(*[Residual(make(), rate, mode=cfg.mode) for rate in rates])
     return model, torch.randn(cfg.batch or 1, cfg.tokens or 1, width)
 

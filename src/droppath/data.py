@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from droppath._checks import check_choice
+
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "restricted_load"]
 
 DATASETS = ("digits", "cifar10", "folder")
@@ -199,11 +201,8 @@ def load_image_folder(root: str | Path, image_size: int = 32, seed: int = 0) -> 
 
 def load_dataset(name: str, data_dir: str | None = None, image_size: int = 32) -> Dataset:
     """Load ``"digits"`` (bundled), ``"cifar10"`` or ``"folder"`` (both need ``data_dir``)."""
-    if name == "digits":
+    if check_choice(name, "data", DATASETS) == "digits":
         return load_digits()
-    if name not in DATASETS:
-        allowed = ", ".join(repr(d) for d in DATASETS)
-        raise DataError(f"data must be one of {allowed}, got {name!r}")
     if not data_dir:
         raise DataError(f"data {name!r} needs data_dir, the folder that holds it")
     if name == "cifar10":

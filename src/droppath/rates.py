@@ -11,9 +11,27 @@ from collections.abc import Callable, Sequence
 
 from droppath._checks import check_choice, check_positive_int, check_probability
 
-__all__ = ["DEPTH_RULES", "depth_rates", "resolve_rates"]
+__all__ = ["DEPTH_RULES", "DEPTH_RULE_TABLE", "depth_rates", "resolve_rates"]
 
-DEPTH_RULES = ("linear", "linspace", "uniform", "exp", "log", "sin", "sigmoid", "step")
+
+def _curve(scale: Callable[[int, int], float]) -> Callable[[int, int], float]:
+    """A torchtune curve ``get_scale(scale_type, n - 1, l)``; one block alone gets the full rate."""
+    return lambda i, n: scale(i, n - 1) if n > 1 else 1.0
+
+
+# The depth rules: the fraction of ``p`` that block ``i`` (from 0) of ``n`` drops with. Adding a
+# rule is one entry here (and its line in depth_rates' docstring).
+DEPTH_RULE_TABLE: dict[str, Callable[[int, int], float]] = {
+    "linear": lambda i, n: (i + 1) / n,
+    "linspace": lambda i, n: i / (n - 1) if n > 1 else 0.0,
+    "uniform": lambda i, n: 1.0,
+    "exp": _curve(lambda i, m: math.exp(i * math.log(2) / m) - 1),
+    "log": _curve(lambda i, m: math.log(i + 1) / math.log(m + 1)),
+    "sin": _curve(lambda i, m: math.sin(0.5 * math.pi * i / m)),
+    "sigmoid": _curve(lambda i, m: 1 / (1 + math.exp(-10 * (i / m - 0.5)))),
+    "step": lambda i, n: 1.0 if i >= n // 2 else 0.0,
+}
+DEPTH_RULES = tuple(DEPTH_RULE_TABLE)
 
 
 def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
@@ -53,25 +71,8 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
     """
     n = check_positive_int(n, "n", minimum=0)
     p = check_probability(p)
-    check_choice(rule, "rule", DEPTH_RULES)
-    if rule == "linear":
-        return [p * (i / n) for i in range(1, n + 1)]
-    if rule == "linspace":
-        return [p * (i / (n - 1)) if n > 1 else 0.0 for i in range(n)]
-    if rule == "step":
-        return [p if i >= n // 2 else 0.0 for i in range(n)]
-    if rule in _CURVES:
-        return [p * _CURVES[rule](i, n - 1) if n > 1 else p for i in range(n)]
-    return [p] * n
-
-
-# torchtune's get_scale(scale_type, scale_period, val), 0 at the first block, about 1 at the last.
-_CURVES: dict[str, Callable[[int, int], float]] = {
-    "exp": lambda i, m: math.exp(i * math.log(2) / m) - 1,
-    "log": lambda i, m: math.log(i + 1) / math.log(m + 1),
-    "sin": lambda i, m: math.sin(0.5 * math.pi * i / m),
-    "sigmoid": lambda i, m: 1 / (1 + math.exp(-10 * (i / m - 0.5))),
-}
+    fraction = DEPTH_RULE_TABLE[check_choice(rule, "rule", DEPTH_RULES)]
+    return [p * fraction(i, n) for i in range(n)]
 
 
 def resolve_rates(n: int, p: float | Sequence[float], rule: str) -> list[float]:

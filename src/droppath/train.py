@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from droppath._checks import STRATEGIES, check_choice, check_positive_int, check_probability
+from droppath._checks import MODES, STRATEGIES, check_choice, check_positive_int, check_probability
 from droppath._progress import progress_bar
-from droppath.data import DataError
+from droppath.data import DATASETS, DataError
 from droppath.models.registry import MODEL_NAMES
 from droppath.schedules import (
     DEPTH_RULES,
@@ -76,11 +76,11 @@ class TrainConfig:
         self.p = check_probability(self.p)
         if self.mode is None:
             self.mode = "batch" if self.model == "resnet" else "row"
-        check_choice(self.mode, "mode", ("row", "batch"))
+        check_choice(self.mode, "mode", MODES)
         check_choice(self.rule, "rule", DEPTH_RULES)
         check_choice(self.time_rule, "time_rule", TIME_RULES)
         check_choice(self.strategy, "strategy", STRATEGIES)
-        check_choice(self.data, "data", ("digits", "cifar10", "folder"))
+        check_choice(self.data, "data", DATASETS)
         self.epochs = check_positive_int(self.epochs, "epochs")
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         if self.depth is not None:

@@ -8,10 +8,11 @@ from droppath.models.resnet import (
     bottleneck_block,
     cifar_resnet,
 )
-from droppath.models.vit import SmallViT
+from droppath.models.vit import AttentionBranch, SmallViT, mlp_branch
 
 __all__ = [
     "MODEL_NAMES",
+    "AttentionBranch",
     "CifarResNet",
     "DownsampleShortcut",
     "SmallViT",
@@ -19,4 +20,5 @@ __all__ = [
     "bottleneck_block",
     "build_model",
     "cifar_resnet",
+    "mlp_branch",
 ]

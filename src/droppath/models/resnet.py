@@ -73,10 +73,10 @@ def basic_block(
 def bottleneck_block(
     in_channels: int,
     out_channels: int,
-    reduction: int = 4,
     stride: int = 1,
     p: float = 0.0,
     *,
+    reduction: int = 4,
     mode: str = "row",
     strategy: str = "auto",
 ) -> nn.Sequential:

@@ -9,10 +9,10 @@ from droppath._checks import check_positive_int
 from droppath.residual import Residual
 from droppath.schedules import depth_rates
 
-__all__ = ["SmallViT"]
+__all__ = ["AttentionBranch", "SmallViT", "mlp_branch"]
 
 
-class _Attention(nn.Module):
+class AttentionBranch(nn.Module):
     """Pre-norm self-attention branch: ``attn(norm(x))``, tokens ``(N, T, D)``."""
 
     def __init__(self, dim: int, heads: int) -> None:
@@ -26,7 +26,8 @@ class _Attention(nn.Module):
         return out
 
 
-def _mlp(dim: int, hidden: int) -> nn.Sequential:
+def mlp_branch(dim: int, hidden: int) -> nn.Sequential:
+    """Pre-norm MLP branch: ``fc2(gelu(fc1(norm(x))))``."""
     return nn.Sequential(
         nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
     )
@@ -91,7 +92,7 @@ class SmallViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
         blocks: list[nn.Module] = []
         for rate in depth_rates(check_positive_int(depth, "depth"), p, rule):
-            for branch in (_Attention(dim, heads), _mlp(dim, dim * mlp_ratio)):
+            for branch in (AttentionBranch(dim, heads), mlp_branch(dim, dim * mlp_ratio)):
                 blocks.append(Residual(branch, rate, mode=mode, strategy=strategy))
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(dim)
