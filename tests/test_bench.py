@@ -128,9 +128,23 @@ def test_compiled_bench_runs_every_variant():
         (["--kind", "attn", "--width", "129"], "width must be a multiple of the 2 attention heads"),
         (["--json", "/nonexistent/dir/out.json"], "--json must be a path in a writable folder"),
         (["--bucket", "0"], "bucket must be None or an int >= 1, got 0"),
+        (["--batch", "1000000000"], "batch must fit the cpu memory: batch 1000000000"),
     ],
 )
 def test_cli_mistakes_are_one_line(args, message, capsys):
     assert main(["bench", "--reps", "1", "--warmup", "0", "--depth", "1", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_memory_estimate_admits_the_benchmarked_setups():
+    from droppath.bench import estimate_step_bytes
+
+    for kind, batch in (("mlp", 64), ("attn", 64), ("conv", 32), ("vit", 256), ("llama", 16)):
+        assert estimate_step_bytes(BenchConfig(kind=kind, batch=batch)) < 4 * 2**30, kind
+    measured = run_bench(
+        BenchConfig(kind="mlp", depth=4, batch=32, width=64, tokens=8, reps=1, warmup=0),
+        progress=False,
+    )["results"][0]["memory_mb"]
+    estimate = estimate_step_bytes(BenchConfig(kind="mlp", depth=4, batch=32, width=64, tokens=8))
+    assert estimate > measured * 2**20  # an upper estimate of what a step keeps

@@ -34,7 +34,15 @@ from droppath.models.vit import AttentionBranch, SmallViT, mlp_branch
 from droppath.residual import Residual
 from droppath.schedules import DEPTH_RULES, depth_rates
 
-__all__ = ["BenchConfig", "check_device", "format_table", "run_bench", "write_json"]
+__all__ = [
+    "BenchConfig",
+    "check_device",
+    "check_memory",
+    "estimate_step_bytes",
+    "format_table",
+    "run_bench",
+    "write_json",
+]
 
 KINDS = ("mlp", "attn", "conv", "vit", "llama")
 
@@ -387,11 +395,41 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def estimate_step_bytes(cfg: BenchConfig) -> int:
+    """A rough upper estimate of the memory of one training step of ``cfg``'s model: float32
+    activations kept for backward, with a margin (a few elements per block and position)."""
+    batch, tokens, width, depth = cfg.batch or 1, cfg.tokens or 1, cfg.width or 1, cfg.depth or 1
+    if cfg.kind == "conv":  # 32x32 images, channels double as resolution halves: about constant
+        per_sample = 32 * 32 * width * depth * 2 * 12
+    elif cfg.kind == "vit":  # 64 patches and the class token, two sites per block
+        per_sample = 65 * width * depth * 2 * 16
+    elif cfg.kind == "llama":  # layers, then the LM head's logits over 512 tokens
+        per_sample = tokens * (width * depth * 24 + 512 * 4)
+    else:  # mlp (hidden 4x) or attention
+        per_sample = tokens * width * depth * 16 + (tokens * tokens * depth * 4)
+    return 4 * batch * per_sample
+
+
+def check_memory(cfg: BenchConfig, device: torch.device) -> None:
+    """Refuse a configuration whose step cannot fit the device's memory, before allocating it."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = estimate_step_bytes(cfg)
+    if need > 0.8 * total:
+        raise ValueError(
+            f"batch must fit the {device.type} memory: batch {cfg.batch} of kind {cfg.kind!r} "
+            f"needs about {need / 2**30:.1f} GiB for a step, the device has {total / 2**30:.1f} GiB"
+        )
+
+
 def run_bench(
     cfg: BenchConfig, device: str | torch.device = "cpu", progress: bool = True
 ) -> dict[str, Any]:
     """Time every variant, interleaved, and return the results as plain data."""
     dev = torch.device(device)
+    check_memory(cfg, dev)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

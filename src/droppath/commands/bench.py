@@ -71,10 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(ns: Any) -> int:
     """Check the options, run the bench, print the table, write the JSON."""
-    from droppath.bench import BenchConfig, check_device, format_table, run_bench, write_json
+    from droppath.bench import (
+        BenchConfig,
+        check_device,
+        check_memory,
+        format_table,
+        run_bench,
+        write_json,
+    )
 
     try:
-        check_device(ns.device)
+        device = check_device(ns.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if ns.json:  # checked before the work, not after it
@@ -82,6 +89,10 @@ def run(ns: Any) -> int:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UsageError(f"--json must be a path in a writable folder, got {ns.json!r}")
     cfg = config_from_args(BenchConfig, ns)
+    try:
+        check_memory(cfg, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
     print(format_table(report))
     if ns.json:
