@@ -424,14 +424,11 @@ def check_memory(cfg: BenchConfig, device: torch.device) -> None:
         )
 
 
-def run_bench(
-    cfg: BenchConfig, device: str | torch.device = "cpu", progress: bool = True
-) -> dict[str, Any]:
-    """Time every variant, interleaved, and return the results as plain data."""
-    dev = torch.device(device)
-    check_memory(cfg, dev)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def _prepare(
+    cfg: BenchConfig, dev: torch.device
+) -> tuple[list[Variant], dict[str, nn.Module], dict[str, nn.Module], Tensor]:
+    """The variants, their models (sharing one set of weights), what runs them (compiled or
+    not) and the input, on ``dev``."""
     torch.manual_seed(cfg.seed)
     base, x = _build(cfg)
     base, x = base.to(dev), x.to(dev)
@@ -439,25 +436,34 @@ def run_bench(
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
     order = variants(cfg.mode, cfg.bucket, cfg.kind)
-    names = [v.label for v in order]
     rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
     models = {v.label: _variant(base, v, rates).train() for v in order}
-    residual = next(
-        v.label for v in order if v.kind in ("residual", "layer_drop") and v.strategy == "auto"
-    )
-    eval_labels = {"plain": "plain", "Residual": residual}
     if cfg.compile:
         torch._dynamo.reset()
         runners = {n: cast(nn.Module, torch.compile(m)) for n, m in models.items()}
     else:
         runners = dict(models)
+    return order, models, runners, x
 
+
+def _interleaved_times(
+    cfg: BenchConfig,
+    models: dict[str, nn.Module],
+    runners: dict[str, nn.Module],
+    eval_labels: dict[str, str],
+    x: Tensor,
+    dev: torch.device,
+    progress: bool,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of each training step by variant, and of each eval forward, after warm-up; the
+    variants take turns in a rotating order, so that none always runs first."""
+    names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
     eval_times: dict[str, list[float]] = {name: [] for name in eval_labels}
     bar = progress_bar((cfg.warmup + cfg.reps) * (len(names) + 2), "bench", progress)
     for rep in range(cfg.warmup + cfg.reps):
         shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:  # rotate: no variant always runs first
+        for name in names[shift:] + names[:shift]:
             seconds = _timed(lambda: _step(runners[name], x), dev)  # noqa: B023
             if rep >= cfg.warmup:
                 times[name].append(seconds)
@@ -473,8 +479,26 @@ def run_bench(
                 bar.update(1)
     if bar:
         bar.close()
+    return times, eval_times
 
-    memory = {name: _peak_memory(runners[name], x, 3) for name in names}
+
+def run_bench(
+    cfg: BenchConfig, device: str | torch.device = "cpu", progress: bool = True
+) -> dict[str, Any]:
+    """Time every variant, interleaved, and return the results as plain data."""
+    dev = torch.device(device)
+    check_memory(cfg, dev)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    order, models, runners, x = _prepare(cfg, dev)
+    ours = next(  # droppath's default: Residual's auto strategy, or layer_drop
+        v.label
+        for v in order
+        if v.kind in ("residual", "layer_drop") and v.strategy == "auto" and not v.p_zero
+    )
+    eval_labels = {"plain": "plain", "Residual": ours}
+    times, eval_times = _interleaved_times(cfg, models, runners, eval_labels, x, dev, progress)
+    memory = {v.label: _peak_memory(runners[v.label], x, 3) for v in order}
     mm_mem = memory.get("mask-multiply", memory["plain"])
     results = [
         asdict(
@@ -490,9 +514,6 @@ def run_bench(
         )
         for v in order
     ]
-    eval_plain = statistics.median(eval_times["plain"])
-    eval_res = statistics.median(eval_times["Residual"])
-    eval_ratio = _paired_ratio(eval_times["Residual"], eval_times["plain"])
     rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
     return {
         "config": asdict(cfg),
@@ -500,9 +521,9 @@ def run_bench(
         "kept_fraction": sum(1 - r for r in rates) / len(rates),
         "results": results,
         "eval": {
-            "plain_ms": 1e3 * eval_plain,
-            "residual_ms": 1e3 * eval_res,
-            "ratio": eval_ratio,
+            "plain_ms": 1e3 * statistics.median(eval_times["plain"]),
+            "residual_ms": 1e3 * statistics.median(eval_times["Residual"]),
+            "ratio": _paired_ratio(eval_times["Residual"], eval_times["plain"]),
         },
     }
 
