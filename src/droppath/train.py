@@ -396,10 +396,30 @@ class Run:
         self.loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # epoch e's order, resumed or not
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        steps = len(self.loader)
-        bar = progress_bar(
-            steps, f"{self.label} {epoch + 1}/{cfg.epochs}", cfg.progress and dist.main
+        train_stats = self._train_steps(f"{self.label} {epoch + 1}/{cfg.epochs}")
+        x_test = self.data.x_test.to(dist.device)
+        y_test = self.data.y_test.to(dist.device)
+        test_loss, test_acc = _evaluate(self.model, x_test, y_test, 256)
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                **train_stats,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "expected_depth": self.expected_depth(),
+            }
         )
+        self.epochs_done = epoch + 1
+        self.rng = _rng_state(dist.device)
+        if dist.main:
+            with _interrupt_deferred():  # Ctrl-C waits: the three files always agree
+                _atomic_save(self.state_dict(), self.folder / CHECKPOINT)
+                _write_metrics(self.folder, self.history)
+
+    def _train_steps(self, label: str) -> dict[str, float]:
+        """One pass over the training batches; the epoch's loss, accuracy and speed."""
+        dist = self.dist
+        bar = progress_bar(len(self.loader), label, self.cfg.progress and dist.main)
         self.net.train()
         seen = correct = 0
         loss_sum = 0.0
@@ -426,27 +446,12 @@ class Run:
         epoch_time = time.perf_counter() - t0
         if bar:
             bar.close()
-        x_test = self.data.x_test.to(dist.device)
-        y_test = self.data.y_test.to(dist.device)
-        test_loss, test_acc = _evaluate(self.model, x_test, y_test, 256)
-        self.history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "epoch_time_s": epoch_time,
-                "rows_per_s": seen * dist.world / epoch_time,
-                "expected_depth": self.expected_depth(),
-            }
-        )
-        self.epochs_done = epoch + 1
-        self.rng = _rng_state(dist.device)
-        if dist.main:
-            with _interrupt_deferred():  # Ctrl-C waits: the three files always agree
-                _atomic_save(self.state_dict(), self.folder / CHECKPOINT)
-                _write_metrics(self.folder, self.history)
+        return {
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "epoch_time_s": epoch_time,
+            "rows_per_s": seen * dist.world / epoch_time,
+        }
 
     def expected_depth(self) -> float:
         """The sum of the sites' keep rates at the current step."""
