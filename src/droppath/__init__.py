@@ -1,17 +1,32 @@
-"""Stochastic depth (drop path) for PyTorch that keeps both the regularization and the saving."""
+"""Stochastic depth (drop path) for PyTorch that keeps both the regularization and the saving.
+
+The public names load on first use (PEP 562), so that ``import droppath`` and ``droppath --help``
+do not import torch; ``from droppath import Residual`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from droppath._version import __version__
-from droppath.drop import DropPath, drop_path
-from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
-from droppath.residual import Residual, drop_add_residual
-from droppath.schedules import (
-    DropRateScheduler,
-    convert,
-    depth_rates,
-    drop_path_sites,
-    prune,
-    set_drop_rates,
-)
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "DropPath": "droppath.drop",
+    "drop_path": "droppath.drop",
+    "LayerDrop": "droppath.layerdrop",
+    "SkippedLayer": "droppath.layerdrop",
+    "layer_drop": "droppath.layerdrop",
+    "Residual": "droppath.residual",
+    "drop_add_residual": "droppath.residual",
+    "DropRateScheduler": "droppath.schedules",
+    "convert": "droppath.schedules",
+    "depth_rates": "droppath.schedules",
+    "drop_path_sites": "droppath.schedules",
+    "prune": "droppath.schedules",
+    "set_drop_rates": "droppath.schedules",
+}
 
 __all__ = [
     "DropPath",
@@ -29,3 +44,28 @@ __all__ = [
     "prune",
     "set_drop_rates",
 ]
+
+if TYPE_CHECKING:
+    from droppath.drop import DropPath, drop_path
+    from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
+    from droppath.residual import Residual, drop_add_residual
+    from droppath.schedules import (
+        DropRateScheduler,
+        convert,
+        depth_rates,
+        drop_path_sites,
+        prune,
+        set_drop_rates,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'droppath' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

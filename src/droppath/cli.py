@@ -14,19 +14,26 @@ from collections.abc import Sequence
 from droppath.commands import COMMANDS, UsageError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with every command's options, or only ``command``'s (the others listed by
+    name and help): a command's module, and torch with it, loads only when that command runs."""
     parser = argparse.ArgumentParser(
         prog="droppath", description="Stochastic depth that really skips the dropped work."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"droppath.commands.{name}").register(sub)
+    for name, help_text in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(f"droppath.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), "")  # droppath has no global option
+    parser = build_parser(command)
+    ns = parser.parse_args(args)
     try:
         code: int = ns.handler(ns)
         return code

@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from droppath.commands import UsageError, config_from_args
+from droppath.commands import COMMANDS, UsageError, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``droppath bench`` to the command line."""
     p = sub.add_parser(
         "bench",
-        help="time a training step of a residual stack with each drop path variant",
+        help=COMMANDS["bench"],
         description="Time forward + backward of a residual stack: plain residual, the "
         "mask-multiply drop path of timm/torchvision, and droppath.Residual with each strategy, "
         "interleaved in one process; print medians and ratios.",

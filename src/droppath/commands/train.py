@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from droppath.commands import UsageError, config_from_args
+from droppath.commands import COMMANDS, UsageError, config_from_args
 from droppath.data import DataError
 from droppath.rates import DEPTH_RULES
 from droppath.schedules import TIME_RULE_TABLE, TIME_RULES, time_rule_options
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d = TrainConfig()
     p = sub.add_parser(
         "train",
-        help="train a reference model; --compare: with and without stochastic depth",
+        help=COMMANDS["train"],
         description="Train a reference model and report test accuracy and time per epoch. With "
         "--compare, train it twice with the same seed, with and without stochastic depth, and "
         "print them side by side. Works the same under torchrun --nproc_per_node=N.",
