@@ -18,7 +18,7 @@ def test_readme_has_exactly_two_setup_commands():
     commands = _setup_commands()
     assert len(commands) == 2, commands
     main_job, tests = commands
-    assert main_job.endswith("droppath train --compare")
+    assert main_job.endswith("droppath train --compare --overwrite")
     assert tests.endswith("python -m pytest")
     for command in commands:
         assert "torch==2.13.0" in command  # the CPU build on this machine's disk

@@ -437,3 +437,9 @@ def test_interrupt_waits_for_the_files_then_stops(tmp_path, capsys, monkeypatch)
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "x"), *FAST]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"droppath train: interrupted; continue with --resume --out {tmp_path / 'x'}"]
+
+
+def test_missing_train_extra_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    _one_line_error(capsys, ["--out", str(tmp_path / "o"), *FAST], "pip install 'droppath[train]'")
