@@ -236,9 +236,11 @@ class LayerDrop(_DropBase):
       convention of LayerDrop, LayerSkip and torchtune's ``LayerDropout``.
 
     In eval mode, and when a key/value cache that already holds tokens is passed (generation), it
-    is exactly ``L``. Draws are made on the host, as :class:`droppath.Residual` makes them (no
-    device synchronization, replayed by checkpointing), and skipped parameters get zero gradients
-    in a distributed run. Other outputs of a tuple (attention weights, say) come from the kept
+    is exactly ``L``. A cache that a training forward creates empty (Hugging Face models do when
+    ``use_cache`` is on) receives the kept samples' keys and values only: pass
+    ``use_cache=False`` in training, where that cache serves nothing. Draws are made on the host,
+    as :class:`droppath.Residual` makes them (no device synchronization, replayed by
+    checkpointing), and skipped parameters get zero gradients in a distributed run. Other outputs of a tuple (attention weights, say) come from the kept
     samples only; a step that drops every sample returns ``None`` for them.
 
     Args:

@@ -560,11 +560,11 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
         plan = [("with_sd", cfg.p or 0.0)]
         if cfg.compare:
             plan.append(("without_sd", 0.0))
-        if dist.main and not cfg.resume:
-            if cfg.overwrite:
-                _clear_previous(out)
-            else:
-                _check_fresh(out, ["with_sd", "without_sd"])
+        if not cfg.resume and not cfg.overwrite:
+            # On every rank, as it only reads: all stop together instead of waiting for rank 0.
+            _check_fresh(out, ["with_sd", "without_sd"])
+        if dist.main and not cfg.resume and cfg.overwrite:
+            _clear_previous(out)
         for name, p in plan:
             folder = out / name
             if dist.main:
