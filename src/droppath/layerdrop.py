@@ -240,8 +240,9 @@ class LayerDrop(_DropBase):
     ``use_cache`` is on) receives the kept samples' keys and values only: pass
     ``use_cache=False`` in training, where that cache serves nothing. Draws are made on the host,
     as :class:`droppath.Residual` makes them (no device synchronization, replayed by
-    checkpointing), and skipped parameters get zero gradients in a distributed run. Other outputs of a tuple (attention weights, say) come from the kept
-    samples only; a step that drops every sample returns ``None`` for them.
+    checkpointing), and skipped parameters get zero gradients in a distributed run. Other outputs
+    of a tuple (attention weights, say) come from the kept samples only; a step that drops every
+    sample returns ``None`` for them.
 
     Args:
         layer: the layer, stored as ``self.layer``.
