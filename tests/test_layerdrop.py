@@ -215,6 +215,23 @@ class TestLayerDropOnAModel:
         model.eval()
         assert model.layers[3](x, mask) is x
 
+    def test_whole_model_pickles_and_copies(self):
+        import copy
+        import pickle
+
+        model = _model()
+        layer_drop(model, 0.4, mode="batch")
+        for clone in (
+            pickle.loads(pickle.dumps(model)),
+            copy.deepcopy(model),
+            torch.load(_saved(model), weights_only=False),
+        ):
+            layer = clone.layers[3]
+            assert type(layer) is type(model.layers[3]) and isinstance(layer, MaskedLayer)
+            assert layer.p == pytest.approx(0.4) and layer.layer_drop.mode == "batch"
+            assert layer.lin.weight is not model.layers[3].lin.weight
+            torch.testing.assert_close(layer.lin.weight, model.layers[3].lin.weight)
+
     def test_named_stack_and_errors(self):
         model = nn.Module()
         model.blocks = nn.ModuleList(MaskedLayer() for _ in range(2))
@@ -251,3 +268,12 @@ class TestDepthCurves:
         assert depth_rates(n, p, "exp")[0] == 0.0 and depth_rates(n, p, "exp")[-1] == pytest.approx(
             p
         )
+
+
+def _saved(model):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer

@@ -320,6 +320,11 @@ class _LayerDropSite:
     def p(self, value: float) -> None:
         self.layer_drop.p = check_probability(value)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The site class is made at run time under its layer class's name, so pickle could not
+        # find it by name: rebuild it from the layer class instead (torch.save of a whole model).
+        return (_rebuild_site, (type(self).__bases__[1],), self.__dict__)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         forward = super().forward  # type: ignore[misc]
         if not self.training:
@@ -358,6 +363,12 @@ class SkippedLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         return _passthrough(x, self.template, None)
+
+
+def _rebuild_site(layer_class: type) -> Any:
+    """An empty layer-drop site of ``layer_class``, for unpickling (its state comes next)."""
+    site = _site_class(layer_class)
+    return object.__new__(site)
 
 
 def is_layer_drop_site(module: nn.Module) -> bool:
