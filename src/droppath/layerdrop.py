@@ -85,10 +85,10 @@ def _cache_in_use(args: Sequence[Any], kwargs: dict[str, Any], layer: nn.Module 
     A cache created empty by a training forward (Hugging Face models do that when
     ``use_cache`` is on) does not count.
     """
-    idx = _layer_index(layer)
     for value in (*args, *kwargs.values()):
         length = getattr(value, "get_seq_length", None)
         if callable(length) and not isinstance(value, Tensor):
+            idx = _layer_index(layer)  # walks the layer's modules: only when a cache is passed
             try:
                 held = int(length(idx)) if idx is not None else int(length())
             except (TypeError, ValueError, IndexError, KeyError):
