@@ -13,6 +13,9 @@ from droppath._version import __version__
 
 # Each public name and the module that defines it.
 _EXPORTS = {
+    "AccelerationReport": "droppath.accelerate",
+    "SiteReport": "droppath.accelerate",
+    "accelerate": "droppath.accelerate",
     "DropPath": "droppath.drop",
     "drop_path": "droppath.drop",
     "LayerDrop": "droppath.layerdrop",
@@ -29,12 +32,15 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AccelerationReport",
     "DropPath",
     "DropRateScheduler",
     "LayerDrop",
     "Residual",
+    "SiteReport",
     "SkippedLayer",
     "__version__",
+    "accelerate",
     "convert",
     "depth_rates",
     "drop_add_residual",
@@ -46,6 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from droppath.accelerate import AccelerationReport, SiteReport, accelerate
     from droppath.drop import DropPath, drop_path
     from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
     from droppath.residual import Residual, drop_add_residual

@@ -25,6 +25,7 @@ DEPTH_RULE_TABLE: dict[str, Callable[[int, int], float]] = {
     "linear": lambda i, n: (i + 1) / n,
     "linspace": lambda i, n: i / (n - 1) if n > 1 else 0.0,
     "uniform": lambda i, n: 1.0,
+    "efficientnet": lambda i, n: i / n,
     "exp": _curve(lambda i, m: math.exp(i * math.log(2) / m) - 1),
     "log": _curve(lambda i, m: math.log(i + 1) / math.log(m + 1)),
     "sin": _curve(lambda i, m: math.sin(0.5 * math.pi * i / m)),
@@ -44,6 +45,9 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
     - ``"linspace"``: what timm and torchvision models compute, ``torch.linspace(0, p, n)``: block
       ``l``, counted from 0, drops with ``p * l / (n - 1)``; the first block never drops.
     - ``"uniform"``: every block drops with ``p`` (the paper's "uniform" alternative).
+    - ``"efficientnet"``: what EfficientNet computes in timm and torchvision: block ``l``, counted
+      from 0, drops with ``p * l / n``; the first block never drops, the last drops with
+      ``p * (n - 1) / n``.
     - The curves of LayerSkip (Elhoushi et al., ACL 2024) as torchtune computes them
       (``torchtune/modules/layer_dropout.py``, ``get_scale`` with ``scale_period = n - 1`` and
       block ``l`` counted from 0; one block alone drops with ``p``), with ``t = l / (n - 1)``:

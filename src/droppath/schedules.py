@@ -9,6 +9,7 @@ of Hugging Face transformers (attribute ``drop_prob``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = [
     "convert",
     "depth_rates",
     "drop_path_sites",
+    "empty_slots",
+    "fill_slots",
     "prune",
     "set_drop_rates",
 ]
@@ -64,10 +67,85 @@ def drop_path_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _kind(m) is not None]
 
 
+# The attributes where timm, torchvision and Hugging Face keep a block's drop-path module; when a
+# block's rate is 0 they hold ``nn.Identity`` (timm, Hugging Face, torchvision's MaxViT) or None
+# (timm's ResNet): an empty slot, where a site can be put.
+_SLOT_NAME = re.compile(r"(drop_path|stochastic_depth|stochastic_dropout)\d*")
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+def empty_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """The empty drop-path slots of ``model``: ``(qualified name, owner module, attribute)``.
+
+    A slot is an attribute named ``drop_path*``, ``stochastic_depth*`` or ``stochastic_dropout``
+    that holds ``nn.Identity`` or None, where the libraries put no module for a rate of 0.
+    """
+    found = []
+    for owner_name, owner in model.named_modules():
+        if isinstance(owner, _CONTAINERS):
+            continue
+        attrs = [(k, v) for k, v in owner._modules.items()]
+        attrs += [(k, v) for k, v in vars(owner).items() if v is None]
+        for attr, value in attrs:
+            if _SLOT_NAME.fullmatch(attr) and (value is None or type(value) is nn.Identity):
+                found.append((f"{owner_name}.{attr}" if owner_name else attr, owner, attr))
+    return found
+
+
+def _block_of(model: nn.Module, name: str, module: nn.Module | None) -> str:
+    """The block a site (or empty slot) ``name`` belongs to, for its depth position.
+
+    Libraries give one rate per block (a ViT block's two residuals share it; a MaxViT layer's three
+    sub-blocks too). A block is the nearest module, from the site's owner up, that stands in an
+    ``nn.Sequential`` or ``nn.ModuleList`` of modules of its own class (a stack of blocks); the
+    owner is the site itself when it is a residual block of its own (``Residual``, a layer-drop
+    layer) or an element of a container, else the module holding it. Without such a stack, the
+    owner is the block.
+    """
+    parts = name.split(".") if name else []
+    stands_alone = module is not None and (
+        isinstance(module, Residual) or is_layer_drop_site(module)
+    )
+    parent = model.get_submodule(".".join(parts[:-1])) if parts else None
+    if not stands_alone and not isinstance(parent, _CONTAINERS):
+        parts = parts[:-1]
+    owner = parts
+    while parts:
+        container = model.get_submodule(".".join(parts[:-1]))
+        here = model.get_submodule(".".join(parts))
+        if isinstance(container, _CONTAINERS) and all(
+            type(m) is type(here) for m in container.children()
+        ):
+            return ".".join(parts)
+        parts = parts[:-1]
+    return ".".join(owner)
+
+
+def site_positions(model: nn.Module, names: Sequence[str]) -> tuple[list[int], int]:
+    """The depth position of each site in ``names`` and the number of positions of ``model``.
+
+    Positions are blocks (see ``_block_of``), counted in forward order, blocks whose slot is empty
+    included: with them, ``depth_rates`` gives exactly what the libraries compute at build time.
+    """
+    modules = dict(model.named_modules())
+    everything = [*names, *(n for n, _ in drop_path_sites(model))]
+    everything += [name for name, _, _ in empty_slots(model)]
+    blocks = {name: _block_of(model, name, modules.get(name)) for name in everything}
+    order = {name: i for i, name in enumerate(modules)}
+    every = sorted(set(blocks.values()), key=lambda b: order.get(b, -1))
+    index = {block: i for i, block in enumerate(every)}
+    return [index[blocks[name]] for name in names], len(every)
+
+
 def _resolve_rates(
-    sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
+    model: nn.Module, sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
 ) -> list[float]:
-    return resolve_rates(len(sites), p, rule)
+    """One rate per site: ``p`` itself if it is a sequence, else the rate of the site's block."""
+    if isinstance(p, Sequence) and not isinstance(p, str):
+        return resolve_rates(len(sites), p, rule)
+    positions, n = site_positions(model, [name for name, _ in sites])
+    rates = depth_rates(n, p, rule)
+    return [rates[i] for i in positions]
 
 
 def _apply(sites: Sequence[tuple[str, nn.Module]], rates: Sequence[float]) -> None:
@@ -75,16 +153,55 @@ def _apply(sites: Sequence[tuple[str, nn.Module]], rates: Sequence[float]) -> No
         setattr(module, _kind(module) or "p", rate)
 
 
+def fill_slots(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
+    """Put a ``droppath.DropPath(0.0)`` in the empty slots ``names`` (default: all) of ``model``.
+
+    The forwards of timm, torchvision and Hugging Face call the slot's module (or skip it when it is
+    None), so the block gains a drop-path site; ``state_dict()`` keys are unchanged (the module has
+    no parameters and no buffers). Returns the names filled.
+    """
+    filled = []
+    for name, owner, attr in empty_slots(model):
+        if names is None or name in names:
+            if attr in owner._modules:
+                owner._modules[attr] = DropPath(0.0).train(owner.training)
+            else:
+                delattr(owner, attr)
+                owner.add_module(attr, DropPath(0.0).train(owner.training))
+            filled.append(name)
+    return filled
+
+
+def _fill_where_dropping(model: nn.Module, p: float | Sequence[float], rule: str) -> None:
+    """Fill the empty slots that ``p`` and ``rule`` give a rate above 0."""
+    if isinstance(p, Sequence) and not isinstance(p, str):
+        return
+    p = check_probability(p)
+    check_choice(rule, "rule", DEPTH_RULES)
+    slots = [name for name, _, _ in empty_slots(model)]
+    if slots and p > 0.0:
+        positions, n = site_positions(model, slots)
+        rates = depth_rates(n, p, rule)
+        fill_slots(model, [s for s, i in zip(slots, positions, strict=True) if rates[i] > 0.0])
+
+
 def set_drop_rates(
     model: nn.Module, p: float | Sequence[float], rule: str = "linear"
 ) -> list[tuple[str, float]]:
     """Set the drop rate of every drop-path site of ``model`` by a depth rule.
 
+    Rates go by block, as the libraries compute them: the sites of one block (a ViT block's
+    attention and MLP) share its rate, and a block whose slot is empty (timm and Hugging Face put
+    ``nn.Identity`` or None there when a rate is 0) still counts as a position. Such a slot that
+    gets a rate above 0 receives a ``DropPath`` (no parameters, so ``state_dict()`` keys do not
+    change). With the same ``p``, ``rule="linspace"`` reproduces timm's, torchvision's and
+    Hugging Face's rates, and ``rule="efficientnet"`` EfficientNet's.
+
     Args:
         model: any module; its sites are found by :func:`drop_path_sites`.
         p: the largest rate for ``rule`` (see :func:`depth_rates`), or an explicit sequence with
-            one rate per site.
-        rule: ``"linear"``, ``"linspace"`` or ``"uniform"``. Default: ``"linear"``.
+            one rate per site (empty slots excluded).
+        rule: a depth rule of :func:`depth_rates`. Default: ``"linear"``.
 
     Returns:
         ``(qualified module name, rate)`` for every site set, in forward order.
@@ -98,8 +215,9 @@ def set_drop_rates(
         >>> model[3].p
         0.2
     """
+    _fill_where_dropping(model, p, rule)
     sites = drop_path_sites(model)
-    rates = _resolve_rates(sites, p, rule)
+    rates = _resolve_rates(model, sites, p, rule)
     _apply(sites, rates)
     return [(name, rate) for (name, _), rate in zip(sites, rates, strict=True)]
 
@@ -334,8 +452,9 @@ class DropRateScheduler:
         total_steps: int | None = None,
         **rule_options: Any,
     ) -> None:
+        _fill_where_dropping(model, p, depth_rule)
         self.sites = drop_path_sites(model)
-        self.base_rates = _resolve_rates(self.sites, p, depth_rule)
+        self.base_rates = _resolve_rates(model, self.sites, p, depth_rule)
         self.depth_rule = depth_rule
         self.time_rule = time_rule
         self.options = check_time_options(time_rule, rule_options)

@@ -1,0 +1,477 @@
+"""The training forwards of timm's, torchvision's and Hugging Face's residual blocks, rewritten so
+that the dropped work is skipped; used by :func:`droppath.accelerate`.
+
+Each function below is a block class's own ``forward``, statement for statement, except that each
+``a + drop_path(g(a))`` becomes ``_residual(block, "drop_path", a, lambda h: g(h))``, which runs
+``g`` on the kept samples only (``drop_add_residual``). They run in training mode only, and only
+while a site of the block has a rate above 0: evaluation and rates of 0 run the class's own
+``forward``, untouched.
+
+Why adapters, and not a general rewrite? ``torch.fx.symbolic_trace`` fails on Hugging Face layers
+(tuple unpacking of shapes, ``**kwargs`` forwards) and bakes ``self.training`` into the graph, which
+would freeze code such as timm's ``dropout_p = self.attn_drop.p if self.training else 0.``; a
+capture with ``torch.export`` or a shape-aware tracer would need an example input before the first
+step and gives a new graph module, not the user's model with its names and hooks. A short
+forward per block family keeps the library's own modules, names and modes, and is checked against
+the library's source: each adapter holds the fingerprint of the ``forward`` it was written from,
+and a block whose ``forward`` differs (another library version) stays on the mask, reported as
+such.
+
+Side inputs (attention masks, rotary embeddings, relative position biases) are passed whole to
+the kept samples' branch; when one of them has the batch size as its first dimension (a
+per-sample mask), the block runs its own forward instead, with the mask formulation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from droppath.residual import drop_add_residual
+
+__all__ = ["ADAPTERS", "Adapter"]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to run a block class with its dropped work skipped.
+
+    ``forward(block, original, *args, **kwargs)`` is the training forward (``original`` is the
+    class's own ``forward``, for the cases it hands back to); ``sites`` are the attributes holding
+    the block's drop-path modules; ``fingerprints`` identify the versions of the class's
+    ``forward`` the adapter was written from (see ``droppath.accelerate._fingerprint``);
+    ``written_for`` names them for the report.
+    """
+
+    forward: Callable[..., Any]
+    sites: tuple[str, ...]
+    fingerprints: tuple[str, ...]
+    written_for: str
+
+
+class _Branch:
+    """A branch closure that ``drop_add_residual`` can skip under DDP: its ``parameters()`` are the
+    block's, which receive zero gradients when the branch is dropped for every sample."""
+
+    __slots__ = ("block", "fn")
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], block: nn.Module) -> None:
+        self.fn, self.block = fn, block
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.block.parameters()
+
+
+def _residual(
+    block: nn.Module,
+    site: str,
+    x: Tensor,
+    branch: Callable[[Tensor], Tensor],
+    shortcut: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``shortcut(x) + block.<site>(branch(x))`` with the site's settings, skipping the dropped
+    work: row mode runs ``branch`` on the kept samples, batch mode skips a dropped step."""
+    drop = getattr(block, site)
+    return drop_add_residual(
+        x,
+        _Branch(branch, block),
+        float(drop.p),
+        True,
+        shortcut=shortcut,
+        mode=drop.mode,
+        batch_dim=drop.batch_dim,
+        scale_by_keep=drop.scale_by_keep,
+    )
+
+
+def _per_sample(x: Tensor, *side: Any) -> bool:
+    """Whether a side input has ``x``'s batch size as its first dimension (a per-sample mask,
+    which the kept samples' branch would need gathered too)."""
+    n = x.shape[0]
+    return any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in side)
+
+
+def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
+    return x if gamma is None else gamma * x
+
+
+# --- timm 1.0.31 ------------------------------------------------------------------------------
+
+
+def _timm_vit_block(
+    self: Any, original: Any, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    if _per_sample(x, attn_mask):
+        return original(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    x = _residual(
+        self,
+        "drop_path1",
+        x,
+        lambda h: self.ls1(self.attn(self.norm1(h), attn_mask=attn_mask, is_causal=is_causal)),
+    )
+    return _residual(self, "drop_path2", x, lambda h: self.ls2(self.mlp(self.norm2(h))))
+
+
+def _timm_beit_block(
+    self: Any, original: Any, x: Tensor, shared_rel_pos_bias: Tensor | None = None
+) -> Tensor:
+    if _per_sample(x, shared_rel_pos_bias):
+        return original(self, x, shared_rel_pos_bias=shared_rel_pos_bias)
+    g1, g2 = self.gamma_1, self.gamma_2
+    x = _residual(
+        self,
+        "drop_path1",
+        x,
+        lambda h: _scaled(g1, self.attn(self.norm1(h), shared_rel_pos_bias=shared_rel_pos_bias)),
+    )
+    return _residual(self, "drop_path2", x, lambda h: _scaled(g2, self.mlp(self.norm2(h))))
+
+
+def _timm_eva_block(
+    self: Any,
+    original: Any,
+    x: Tensor,
+    rope: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    if _per_sample(x, rope, attn_mask):
+        return original(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+
+    def attn(h: Tensor) -> Tensor:
+        out = self.attn(self.norm1(h), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        return out if self.gamma_1 is None else self.gamma_1 * out
+
+    def mlp(h: Tensor) -> Tensor:
+        out = self.mlp(self.norm2(h))
+        return out if self.gamma_2 is None else self.gamma_2 * out
+
+    x = _residual(self, "drop_path1", x, attn)
+    return _residual(self, "drop_path2", x, mlp)
+
+
+def _timm_convnext_block(self: Any, original: Any, x: Tensor) -> Tensor:
+    def branch(h: Tensor) -> Tensor:
+        h = self.conv_dw(h)
+        if self.use_conv_mlp:
+            h = self.norm(h)
+            h = self.mlp(h)
+        else:
+            h = h.permute(0, 2, 3, 1)
+            h = self.norm(h)
+            h = self.mlp(h)
+            h = h.permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            h = h.mul(self.gamma.reshape(1, -1, 1, 1))
+        return h
+
+    return _residual(self, "drop_path", x, branch, shortcut=self.shortcut)
+
+
+def _timm_swin_block(self: Any, original: Any, x: Tensor) -> Tensor:
+    B, H, W, C = x.shape
+    x = _residual(self, "drop_path1", x, lambda h: self._attn(self.norm1(h)))
+    x = x.reshape(B, -1, C)
+    x = _residual(self, "drop_path2", x, lambda h: self.mlp(self.norm2(h)))
+    return x.reshape(B, H, W, C)
+
+
+def _timm_depthwise_separable(self: Any, original: Any, x: Tensor) -> Tensor:
+    if not self.has_skip:
+        return original(self, x)
+
+    def branch(h: Tensor) -> Tensor:
+        if self.conv_s2d is not None:
+            h = self.conv_s2d(h)
+            h = self.bn_s2d(h)
+        h = self.conv_dw(h)
+        h = self.bn1(h)
+        h = self.aa(h)
+        h = self.se(h)
+        h = self.conv_pw(h)
+        return self.bn2(h)  # type: ignore[no-any-return]
+
+    return _residual(self, "drop_path", x, branch)
+
+
+def _timm_inverted_residual(self: Any, original: Any, x: Tensor) -> Tensor:
+    if not self.has_skip:
+        return original(self, x)
+
+    def branch(h: Tensor) -> Tensor:
+        if self.conv_s2d is not None:
+            h = self.conv_s2d(h)
+            h = self.bn_s2d(h)
+        h = self.conv_pw(h)
+        h = self.bn1(h)
+        h = self.conv_dw(h)
+        h = self.bn2(h)
+        h = self.aa(h)
+        h = self.se(h)
+        h = self.conv_pwl(h)
+        return self.bn3(h)  # type: ignore[no-any-return]
+
+    return _residual(self, "drop_path", x, branch)
+
+
+def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
+    def branch(h: Tensor) -> Tensor:
+        h = self.conv1(h)
+        h = self.bn1(h)
+        h = self.act1(h)
+        h = self.conv2(h)
+        h = self.bn2(h)
+        h = self.drop_block(h)
+        h = self.act2(h)
+        h = self.aa(h)
+        h = self.conv3(h)
+        h = self.bn3(h)
+        if self.se is not None:
+            h = self.se(h)
+        return h
+
+    x = _residual(self, "drop_path", x, branch, shortcut=self.downsample)
+    return self.act3(x)  # type: ignore[no-any-return]
+
+
+# --- torchvision 0.29.1 -----------------------------------------------------------------------
+
+
+def _tv_cnblock(self: Any, original: Any, input: Tensor) -> Tensor:
+    return _residual(self, "stochastic_depth", input, lambda h: self.layer_scale * self.block(h))
+
+
+def _tv_swin_block(self: Any, original: Any, x: Tensor) -> Tensor:
+    x = _residual(self, "stochastic_depth", x, lambda h: self.attn(self.norm1(h)))
+    return _residual(self, "stochastic_depth", x, lambda h: self.mlp(self.norm2(h)))
+
+
+def _tv_mbconv(self: Any, original: Any, input: Tensor) -> Tensor:
+    if not self.use_res_connect:
+        return original(self, input)
+    return _residual(self, "stochastic_depth", input, self.block)
+
+
+def _tv_maxvit_mbconv(self: Any, original: Any, x: Tensor) -> Tensor:
+    return _residual(self, "stochastic_depth", x, self.layers, shortcut=self.proj)
+
+
+def _tv_partition_attention(self: Any, original: Any, x: Tensor) -> Tensor:
+    gh, gw = self.grid_size[0] // self.p, self.grid_size[1] // self.p
+    torch._assert(
+        self.grid_size[0] % self.p == 0 and self.grid_size[1] % self.p == 0,
+        f"Grid size must be divisible by partition size. Got grid size of {self.grid_size} and "
+        f"partition size of {self.p}",
+    )
+    x = self.partition_op(x, self.p)
+    x = self.partition_swap(x)
+    x = _residual(self, "stochastic_dropout", x, self.attn_layer)
+    x = _residual(self, "stochastic_dropout", x, self.mlp_layer)
+    x = self.departition_swap(x)
+    return self.departition_op(x, self.p, gh, gw)  # type: ignore[no-any-return]
+
+
+# --- transformers 5.24.0 ----------------------------------------------------------------------
+
+
+def _hf_convnext_layer(self: Any, original: Any, features: Tensor) -> Tensor:
+    def branch(h: Tensor) -> Tensor:
+        h = self.dwconv(h)
+        h = h.permute(0, 2, 3, 1)
+        h = self.layernorm(h)
+        h = self.pwconv1(h)
+        h = self.act(h)
+        h = self.pwconv2(h)
+        if self.layer_scale_parameter is not None:
+            h = self.layer_scale_parameter * h
+        return h.permute(0, 3, 1, 2)
+
+    return _residual(self, "drop_path", features, branch)
+
+
+def _hf_dinov2_layer(
+    self: Any,
+    original: Any,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    if _per_sample(hidden_states, attention_mask):
+        return original(self, hidden_states, attention_mask=attention_mask, **kwargs)  # type: ignore[no-any-return]
+
+    def attn(h: Tensor) -> Tensor:
+        h, _ = self.attention(self.norm1(h), attention_mask=attention_mask, **kwargs)
+        return self.layer_scale1(h)  # type: ignore[no-any-return]
+
+    hidden_states = _residual(self, "drop_path", hidden_states, attn)
+    return _residual(
+        self, "drop_path", hidden_states, lambda h: self.layer_scale2(self.mlp(self.norm2(h)))
+    )
+
+
+def _hf_beit_layer(
+    self: Any,
+    original: Any,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    interpolate_pos_encoding: bool = False,
+    resolution: tuple[int, int] | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    if _per_sample(hidden_states, attention_mask):
+        return original(  # type: ignore[no-any-return]
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            resolution=resolution,
+            **kwargs,
+        )
+    if self.relative_position_bias is not None:
+        assert resolution is not None
+        height, width = resolution
+        window_size = (height // self.patch_size, width // self.patch_size)
+        relative_position_bias = self.relative_position_bias(
+            window_size, interpolate_pos_encoding, dim_size=hidden_states.shape[1]
+        )
+        attention_mask = (
+            relative_position_bias + attention_mask
+            if attention_mask is not None
+            else relative_position_bias
+        )
+
+    def attn(h: Tensor) -> Tensor:
+        h, _ = self.attention(self.layernorm_before(h), attention_mask=attention_mask, **kwargs)
+        h = self.dropout(h)
+        return self.lambda_1 * h  # type: ignore[no-any-return]
+
+    def mlp(h: Tensor) -> Tensor:
+        h = self.mlp(self.layernorm_after(h))
+        h = self.dropout(h)
+        return self.lambda_2 * h  # type: ignore[no-any-return]
+
+    hidden_states = _residual(self, "drop_path", hidden_states, attn)
+    return _residual(self, "drop_path", hidden_states, mlp)
+
+
+def _hf_swin_layer(
+    self: Any,
+    original: Any,
+    hidden_states: Tensor,
+    input_dimensions: tuple[int, int],
+    always_partition: bool = False,
+    **kwargs: Any,
+) -> tuple[Tensor, Any]:
+    lib = sys.modules[type(self).__bases__[-1].__module__]
+    if not always_partition:
+        self.set_shift_and_window_size(input_dimensions)
+    height, width = input_dimensions
+    _, _, channels = hidden_states.size()
+    weights: list[Any] = [None]
+
+    def attn(h: Tensor) -> Tensor:
+        batch_size = h.shape[0]  # the kept samples
+        h = self.layernorm_before(h)
+        h = h.view(batch_size, height, width, channels)
+        h, pad_values = self.maybe_pad(h, height, width)
+        _, height_pad, width_pad, _ = h.shape
+        windows = lib.window_partition(self.cyclic_shift(h), self.window_size)
+        windows = windows.view(-1, self.window_size * self.window_size, channels)
+        attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=h.dtype, device=windows.device)
+        out, weights[0] = self.attention(windows, attn_mask, **kwargs)
+        out = self.dropout(out)
+        out = out.view(-1, self.window_size, self.window_size, channels)
+        out = self.cyclic_shift(
+            lib.window_reverse(out, self.window_size, height_pad, width_pad), reverse=True
+        )
+        if pad_values[3] > 0 or pad_values[5] > 0:
+            out = out[:, :height, :width, :].contiguous()
+        return out.view(batch_size, height * width, channels)  # type: ignore[no-any-return]
+
+    hidden_states = _residual(self, "drop_path", hidden_states, attn)
+    residual = hidden_states
+    hidden_states = self.layernorm_after(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = self.dropout(hidden_states) + residual
+    return hidden_states, weights[0]
+
+
+def _hf_segformer_layer(
+    self: Any, original: Any, hidden_states: Tensor, height: int, width: int, **kwargs: Any
+) -> Tensor:
+    def attn(h: Tensor) -> Tensor:
+        h, _ = self.attention(self.layernorm_before(h), height, width, **kwargs)
+        return self.hidden_dropout(h)  # type: ignore[no-any-return]
+
+    hidden_states = _residual(self, "drop_path", hidden_states, attn)
+    return _residual(
+        self, "drop_path", hidden_states, lambda h: self.mlp(self.layernorm_after(h), height, width)
+    )
+
+
+_TIMM, _TV, _HF = "timm 1.0.31", "torchvision 0.29.1", "transformers 5.24.0"
+
+# The block classes droppath can rewrite, by "module.QualifiedName", with the fingerprint of the
+# forward each adapter was written from.
+ADAPTERS: dict[str, Adapter] = {
+    "timm.models.vision_transformer.Block": Adapter(
+        _timm_vit_block, ("drop_path1", "drop_path2"), ("332de2ad66dc19dc",), _TIMM
+    ),
+    "timm.models.beit.Block": Adapter(
+        _timm_beit_block, ("drop_path1", "drop_path2"), ("209cb9be221a4893",), _TIMM
+    ),
+    "timm.models.eva.EvaBlock": Adapter(
+        _timm_eva_block, ("drop_path1", "drop_path2"), ("0ce24250938388ee",), _TIMM
+    ),
+    "timm.models.convnext.ConvNeXtBlock": Adapter(
+        _timm_convnext_block, ("drop_path",), ("657c549673c76df6",), _TIMM
+    ),
+    "timm.models.swin_transformer.SwinTransformerBlock": Adapter(
+        _timm_swin_block, ("drop_path1", "drop_path2"), ("c990ae53ce1102bf",), _TIMM
+    ),
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": Adapter(
+        _timm_depthwise_separable, ("drop_path",), ("09390d2f08ba46bd",), _TIMM
+    ),
+    "timm.models._efficientnet_blocks.InvertedResidual": Adapter(
+        _timm_inverted_residual, ("drop_path",), ("89809e503655993d",), _TIMM
+    ),
+    "timm.models.resnet.Bottleneck": Adapter(_timm_bottleneck, ("drop_path",), ("9eacf56781af34f0",), _TIMM),
+    "torchvision.models.convnext.CNBlock": Adapter(
+        _tv_cnblock, ("stochastic_depth",), ("8b77484002aa7235",), _TV
+    ),
+    "torchvision.models.swin_transformer.SwinTransformerBlock": Adapter(
+        _tv_swin_block, ("stochastic_depth",), ("d18714a77cfd2c67",), _TV
+    ),
+    "torchvision.models.efficientnet.MBConv": Adapter(
+        _tv_mbconv, ("stochastic_depth",), ("7971d2ec2a3ebfad",), _TV
+    ),
+    "torchvision.models.maxvit.MBConv": Adapter(
+        _tv_maxvit_mbconv, ("stochastic_depth",), ("90cd43403bc42794",), _TV
+    ),
+    "torchvision.models.maxvit.PartitionAttentionLayer": Adapter(
+        _tv_partition_attention, ("stochastic_dropout",), ("6bc4934064ff07bc",), _TV
+    ),
+    "transformers.models.convnext.modeling_convnext.ConvNextLayer": Adapter(
+        _hf_convnext_layer, ("drop_path",), ("c5c32aecccd308bb",), _HF
+    ),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Adapter(
+        _hf_dinov2_layer, ("drop_path",), ("52b6f5d5e5f0e7e9",), _HF
+    ),
+    "transformers.models.beit.modeling_beit.BeitLayer": Adapter(
+        _hf_beit_layer, ("drop_path",), ("55e924396cb3189a",), _HF
+    ),
+    "transformers.models.swin.modeling_swin.SwinLayer": Adapter(
+        _hf_swin_layer, ("drop_path",), ("afe7bb61de46911e",), _HF
+    ),
+    "transformers.models.segformer.modeling_segformer.SegformerLayer": Adapter(
+        _hf_segformer_layer, ("drop_path",), ("9fec6905750d5652",), _HF
+    ),
+}

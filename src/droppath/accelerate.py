@@ -1,0 +1,282 @@
+"""``accelerate``: skip the dropped work inside timm, torchvision and Hugging Face models."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from droppath._adapters import ADAPTERS, Adapter
+from droppath._checks import check_choice, check_probability
+from droppath.layerdrop import is_layer_drop_site
+from droppath.rates import DEPTH_RULES
+from droppath.residual import Residual, _host_side
+from droppath.schedules import convert, drop_path_sites, fill_slots, set_drop_rates
+
+__all__ = ["AccelerationReport", "SiteReport", "accelerate"]
+
+ROW, BATCH, MASK = "row subset", "batch skip", "mask"
+BATCHNORM_CHOICES = ("mask", "subset")
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """How one drop-path site runs after :func:`accelerate`.
+
+    Attributes:
+        name: the site's qualified module name (the same as :func:`drop_path_sites` gives).
+        block: the class name of the block that holds it.
+        rate: its drop rate at the time of the call.
+        runs: ``"row subset"`` (the branch runs on the kept samples), ``"batch skip"`` (a dropped
+            step skips the branch) or ``"mask"`` (the branch runs on every sample and the dropped
+            ones are multiplied by zero).
+        reason: why a site stays on the mask; empty otherwise.
+    """
+
+    name: str
+    block: str
+    rate: float
+    runs: str
+    reason: str = ""
+
+
+class AccelerationReport(tuple[SiteReport, ...]):
+    """What :func:`accelerate` did: one :class:`SiteReport` per site, in forward order.
+
+    A tuple of rows (usable as data), printed as a table; :meth:`counts` sums up how they run.
+    """
+
+    def counts(self) -> dict[str, int]:
+        """How many sites run as ``"row subset"``, ``"batch skip"`` and ``"mask"``."""
+        return {kind: sum(row.runs == kind for row in self) for kind in (ROW, BATCH, MASK)}
+
+    def __str__(self) -> str:
+        head = ("site", "block", "rate", "runs", "reason")
+        rows = [(r.name, r.block, f"{r.rate:.4g}", r.runs, r.reason) for r in self]
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                 for row in (head, *rows)]
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
+        return "\n".join([*lines, f"{len(self)} sites: {counts}"])
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts().items())
+        return f"AccelerationReport({len(self)} sites: {counts})"
+
+
+def _fingerprint(fn: Callable[..., Any]) -> str:
+    """A hash of ``fn``'s code (its syntax tree without docstring, comments or layout)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return ""
+    node = ast.parse(source).body[0]
+    body = getattr(node, "body", [])
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        node.body = body[1:]  # type: ignore[attr-defined]
+    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
+
+
+def _key(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _AcceleratedBlock:
+    """Mixed into a block's class by :func:`accelerate`: in training, while a site of the block has
+    a rate above 0, the block runs its adapter (the dropped work skipped); otherwise its own
+    ``forward``, untouched."""
+
+    _droppath_adapter: Adapter
+    training: bool
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return _train_forward(self, args, kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time under the block class's name, so pickle could not find it:
+        # rebuild it from the block class (torch.save of a whole model, deepcopy).
+        return (_rebuild, (type(self).__bases__[1],), self.__dict__)
+
+
+@_host_side
+def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The training forward of an accelerated block, run on the host under torch.compile: the
+    rates are read here, so no graph guards on them (see ``droppath.residual._host_side``)."""
+    adapter = block._droppath_adapter
+    original = type(block).__bases__[1].forward
+    if all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in adapter.sites):
+        return original(block, *args, **kwargs)
+    return adapter.forward(block, original, *args, **kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _accelerated_class(cls: type, adapter: Adapter) -> type:
+    """``cls`` with :class:`_AcceleratedBlock` mixed in, under ``cls``'s own name and module."""
+    if cls not in _CLASSES:
+        new = type(
+            cls.__name__,
+            (_AcceleratedBlock, cls),
+            {"__module__": cls.__module__, "_droppath_adapter": adapter},
+        )
+        new.__qualname__ = cls.__qualname__
+        _CLASSES[cls] = new
+    return _CLASSES[cls]
+
+
+def _rebuild(cls: type) -> Any:
+    return object.__new__(_accelerated_class(cls, ADAPTERS[_key(cls)]))
+
+
+def _base(block: nn.Module) -> type:
+    cls = type(block)
+    return cls.__bases__[1] if issubclass(cls, _AcceleratedBlock) else cls
+
+
+def _mixes_samples(block: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
+
+
+def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Adapter | None, str]:
+    """The adapter to run ``block`` with, or None and the reason it stays on the mask."""
+    cls = _base(block)
+    adapter = ADAPTERS.get(_key(cls))
+    if adapter is None:
+        return None, f"no adapter for {_key(cls)}"
+    if _fingerprint(cls.forward) not in adapter.fingerprints:
+        return None, f"{cls.__qualname__}.forward differs from {adapter.written_for}'s"
+    if not set(sites) <= set(adapter.sites):
+        return None, f"{cls.__qualname__} holds a site its adapter does not know"
+    batch_only = all(getattr(block, s).mode == "batch" for s in adapter.sites)
+    if batchnorm == "mask" and _mixes_samples(block) and not batch_only:
+        return None, "branch mixes samples (BatchNorm); batchnorm='subset' to run kept rows"
+    return adapter, ""
+
+
+def _check(model: Any, p: Any, rule: Any, batchnorm: Any) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model must be a Python nn.Module, got a TorchScript module")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if p is not None and not (isinstance(p, Sequence) and not isinstance(p, str)):
+        check_probability(p)
+    check_choice(rule, "rule", DEPTH_RULES)
+    check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES)
+
+
+def accelerate(
+    model: nn.Module,
+    p: float | Sequence[float] | None = None,
+    rule: str = "linspace",
+    *,
+    batchnorm: str = "mask",
+) -> AccelerationReport:
+    """Make a timm, torchvision or Hugging Face model skip the work that stochastic depth drops.
+
+    In place, in one call:
+
+    1. The model's drop-path modules become ``droppath.DropPath`` with the same rate, mode and
+       scaling (:func:`convert`), and its empty slots (``nn.Identity`` or None where the library
+       put no module for a rate of 0) receive a ``DropPath(0.0)``: a model built with
+       ``drop_path_rate=0`` can be given stochastic depth. With ``p``, the rates are set by
+       ``rule`` across blocks (:func:`set_drop_rates`); ``"linspace"`` is what the libraries
+       compute.
+    2. Each block whose class droppath knows (ViT, DeiT, BEiT, EVA, ConvNeXt, Swin, EfficientNet,
+       ResNet bottleneck and MaxViT blocks of timm, torchvision and Hugging Face) runs, in
+       training, each residual ``a + drop_path(g(a))`` as :func:`drop_add_residual` does: ``g``
+       runs on the kept samples only (row mode) or not at all when a step is dropped (batch
+       mode), with the site's own rate, mode and scaling, decisions drawn on the host and zero
+       gradients for skipped parameters under DDP. In evaluation, and while all of a block's rates
+       are 0, the block runs its own ``forward``: outputs are bit-identical to the original's.
+    3. Branches that mix samples (BatchNorm in training) stay on the mask unless
+       ``batchnorm="subset"`` (their batch statistics then come from the kept samples only). A
+       block droppath does not know, or whose ``forward`` differs from the library version its
+       adapter was written for, keeps working as before, on the mask, and is reported.
+
+    The blocks keep their class names, parameters and buffers: ``state_dict()`` keys and
+    ``named_parameters()`` are unchanged, checkpoints load both ways with ``strict=True``, an
+    optimizer built before the call stays valid, and ``set_drop_rates``, ``DropRateScheduler`` and
+    ``convert`` see the same site names. Calling it again changes the settings.
+
+    Args:
+        model: a model of timm, torchvision or Hugging Face transformers (or any module).
+        p: the largest rate for ``rule``, or one rate per site; None keeps the model's rates.
+            Default: None.
+        rule: a depth rule of :func:`depth_rates`, over blocks (empty slots included); with
+            ``"linspace"`` the rates are timm's, torchvision's and transformers'; EfficientNet's
+            are ``"efficientnet"``. Default: ``"linspace"``.
+        batchnorm: ``"mask"`` or ``"subset"``, how to run branches with BatchNorm in training.
+            Default: ``"mask"``.
+
+    Returns:
+        An :class:`AccelerationReport`: for every site, its name, rate and how it runs.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from droppath import accelerate
+        >>> class Block(nn.Module):  # a stand-in with a block droppath knows
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin, self.drop_path = nn.Linear(4, 4), nn.Identity()
+        ...     def forward(self, x):
+        ...         return x + self.drop_path(self.lin(x))
+        >>> report = accelerate(nn.Sequential(Block(), Block()), p=0.2)
+        >>> print(report)
+        site         block  rate  runs  reason
+        0.drop_path  Block  0     mask  no adapter for __main__.Block
+        1.drop_path  Block  0.2   mask  no adapter for __main__.Block
+        2 sites: 0 row subset, 0 batch skip, 2 mask
+    """
+    _check(model, p, rule, batchnorm)
+    model = convert(model)
+    fill_slots(model)
+    if p is not None:
+        set_drop_rates(model, p, rule)
+    rows: dict[str, SiteReport] = {}
+    owners: dict[str, list[str]] = {}
+    for name, site in drop_path_sites(model):
+        rate = float(getattr(site, "p", 0.0))
+        if isinstance(site, Residual) or is_layer_drop_site(site):
+            kind = "layer drop" if is_layer_drop_site(site) else "Residual"
+            runs = BATCH if site.mode == "batch" else (MASK if _is_mask(site) else ROW)
+            rows[name] = SiteReport(name, type(site).__name__, rate, runs, f"droppath {kind}")
+            continue
+        owner, _, attr = name.rpartition(".")
+        owners.setdefault(owner, []).append(attr)
+        rows[name] = SiteReport(name, "", rate, MASK)
+    for owner_name, attrs in owners.items():
+        block = model.get_submodule(owner_name)
+        if isinstance(block, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+            adapter, reason = None, "a module of its own, not a slot of a block"
+        else:
+            adapter, reason = _plan(block, attrs, batchnorm)
+        cls = _base(block)
+        block.__class__ = cls if adapter is None else _accelerated_class(cls, adapter)
+        for attr in attrs:
+            name = f"{owner_name}.{attr}" if owner_name else attr
+            site = getattr(block, attr)
+            runs = MASK if adapter is None else (BATCH if site.mode == "batch" else ROW)
+            rows[name] = SiteReport(name, cls.__name__, rows[name].rate, runs, reason)
+    return AccelerationReport(rows.values())
+
+
+def _is_mask(site: nn.Module) -> bool:
+    return getattr(site, "strategy", "auto") == "mask"
+
+
+def accelerated_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The blocks of ``model`` that :func:`accelerate` rewrote, with their qualified names."""
+    for name, m in model.named_modules():
+        if isinstance(m, _AcceleratedBlock):
+            yield name, m
