@@ -13,9 +13,9 @@ from droppath._version import __version__
 
 # Each public name and the module that defines it.
 _EXPORTS = {
-    "AccelerationReport": "droppath.accelerate",
-    "SiteReport": "droppath.accelerate",
-    "accelerate": "droppath.accelerate",
+    "AccelerationReport": "droppath.acceleration",
+    "SiteReport": "droppath.acceleration",
+    "accelerate": "droppath.acceleration",
     "DropPath": "droppath.drop",
     "drop_path": "droppath.drop",
     "LayerDrop": "droppath.layerdrop",
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from droppath.accelerate import AccelerationReport, SiteReport, accelerate
+    from droppath.acceleration import AccelerationReport, SiteReport, accelerate
     from droppath.drop import DropPath, drop_path
     from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
     from droppath.residual import Residual, drop_add_residual

@@ -44,7 +44,7 @@ class Adapter:
     ``forward(block, original, *args, **kwargs)`` is the training forward (``original`` is the
     class's own ``forward``, for the cases it hands back to); ``sites`` are the attributes holding
     the block's drop-path modules; ``fingerprints`` identify the versions of the class's
-    ``forward`` the adapter was written from (see ``droppath.accelerate._fingerprint``);
+    ``forward`` the adapter was written from (see ``droppath.acceleration._fingerprint``);
     ``written_for`` names them for the report.
     """
 
@@ -93,10 +93,13 @@ def _residual(
 
 
 def _per_sample(x: Tensor, *side: Any) -> bool:
-    """Whether a side input has ``x``'s batch size as its first dimension (a per-sample mask,
-    which the kept samples' branch would need gathered too)."""
+    """Whether a side input may hold one entry per sample: 3 dimensions or more, the first of
+    ``x``'s batch size (a per-sample attention mask or rotary table, which the kept samples'
+    branch would need gathered too). Shared ones, such as a ``(tokens, dim)`` rotary table or a
+    ``(tokens, tokens)`` mask, have fewer dimensions; a shared one that happens to match (heads
+    equal to the batch size) only costs the saving, never correctness."""
     n = x.shape[0]
-    return any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in side)
+    return any(isinstance(t, Tensor) and t.dim() >= 3 and t.shape[0] == n for t in side)
 
 
 def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
@@ -238,8 +241,10 @@ def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
             h = self.se(h)
         return h
 
-    x = _residual(self, "drop_path", x, branch, shortcut=self.downsample)
-    return self.act3(x)  # type: ignore[no-any-return]
+    out = _residual(self, "drop_path", x, branch, shortcut=self.downsample)
+    if out.data_ptr() == x.data_ptr():  # every sample dropped: act3 may work in place
+        out = out.clone()
+    return self.act3(out)  # type: ignore[no-any-return]
 
 
 # --- torchvision 0.29.1 -----------------------------------------------------------------------

@@ -225,18 +225,26 @@ def accelerate(
         >>> import torch
         >>> from torch import nn
         >>> from droppath import accelerate
-        >>> class Block(nn.Module):  # a stand-in with a block droppath knows
+        >>> class Block(nn.Module):  # a block of a library droppath does not know
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.lin, self.drop_path = nn.Linear(4, 4), nn.Identity()
         ...     def forward(self, x):
         ...         return x + self.drop_path(self.lin(x))
-        >>> report = accelerate(nn.Sequential(Block(), Block()), p=0.2)
+        >>> model = nn.Sequential(Block(), Block())  # built with rate 0: empty slots
+        >>> report = accelerate(model, p=0.2)  # fills them, sets the rates by linspace
         >>> print(report)
         site         block  rate  runs  reason
-        0.drop_path  Block  0     mask  no adapter for __main__.Block
-        1.drop_path  Block  0.2   mask  no adapter for __main__.Block
+        0.drop_path  Block  0     mask  no adapter for ...Block
+        1.drop_path  Block  0.2   mask  no adapter for ...Block
         2 sites: 0 row subset, 0 batch skip, 2 mask
+        >>> model[1].drop_path
+        DropPath(p=0.2, mode='row', batch_dim=0, scale_by_keep=True)
+        >>> report[1].runs, report.counts()["mask"]
+        ('mask', 2)
+
+    A timm, torchvision or Hugging Face block runs as ``"row subset"`` instead (see the tutorial's
+    "accelerate a timm model").
     """
     _check(model, p, rule, batchnorm)
     model = convert(model)
