@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from droppath.residual import drop_add_residual
+from droppath.residual import _host_side, _skipping_add
 
 __all__ = ["ADAPTERS", "Adapter"]
 
@@ -70,6 +70,7 @@ class _Branch:
         return self.block.parameters()
 
 
+@_host_side
 def _residual(
     block: nn.Module,
     site: str,
@@ -80,15 +81,18 @@ def _residual(
     """``shortcut(x) + block.<site>(branch(x))`` with the site's settings, skipping the dropped
     work: row mode runs ``branch`` on the kept samples, batch mode skips a dropped step."""
     drop = getattr(block, site)
-    return drop_add_residual(
+    # drop_add_residual's training step, called directly: this frame already runs on the host
+    return _skipping_add(
         x,
         _Branch(branch, block),
         float(drop.p),
-        True,
-        shortcut=shortcut,
-        mode=drop.mode,
-        batch_dim=drop.batch_dim,
-        scale_by_keep=drop.scale_by_keep,
+        shortcut,
+        drop.mode,
+        drop.batch_dim,
+        drop.scale_by_keep,
+        "auto",
+        None,
+        None,
     )
 
 
@@ -422,61 +426,70 @@ def _hf_segformer_layer(
     )
 
 
+def _adapter(
+    forward: Callable[..., Any], sites: tuple[str, ...], fingerprints: tuple[str, ...], lib: str
+) -> Adapter:
+    """An adapter whose forward runs on the host under torch.compile, as ``Residual``'s step
+    does: its code reads the rates and draws, while the modules and branches it calls compile as
+    graphs of their own (``droppath.residual._host_side``)."""
+    return Adapter(_host_side(forward), sites, fingerprints, lib)
+
+
 _TIMM, _TV, _HF = "timm 1.0.31", "torchvision 0.29.1", "transformers 5.24.0"
 
 # The block classes droppath can rewrite, by "module.QualifiedName", with the fingerprint of the
 # forward each adapter was written from.
 ADAPTERS: dict[str, Adapter] = {
-    "timm.models.vision_transformer.Block": Adapter(
+    "timm.models.vision_transformer.Block": _adapter(
         _timm_vit_block, ("drop_path1", "drop_path2"), ("332de2ad66dc19dc",), _TIMM
     ),
-    "timm.models.beit.Block": Adapter(
+    "timm.models.beit.Block": _adapter(
         _timm_beit_block, ("drop_path1", "drop_path2"), ("209cb9be221a4893",), _TIMM
     ),
-    "timm.models.eva.EvaBlock": Adapter(
+    "timm.models.eva.EvaBlock": _adapter(
         _timm_eva_block, ("drop_path1", "drop_path2"), ("0ce24250938388ee",), _TIMM
     ),
-    "timm.models.convnext.ConvNeXtBlock": Adapter(
+    "timm.models.convnext.ConvNeXtBlock": _adapter(
         _timm_convnext_block, ("drop_path",), ("657c549673c76df6",), _TIMM
     ),
-    "timm.models.swin_transformer.SwinTransformerBlock": Adapter(
+    "timm.models.swin_transformer.SwinTransformerBlock": _adapter(
         _timm_swin_block, ("drop_path1", "drop_path2"), ("c990ae53ce1102bf",), _TIMM
     ),
-    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": Adapter(
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": _adapter(
         _timm_depthwise_separable, ("drop_path",), ("09390d2f08ba46bd",), _TIMM
     ),
-    "timm.models._efficientnet_blocks.InvertedResidual": Adapter(
+    "timm.models._efficientnet_blocks.InvertedResidual": _adapter(
         _timm_inverted_residual, ("drop_path",), ("89809e503655993d",), _TIMM
     ),
-    "timm.models.resnet.Bottleneck": Adapter(_timm_bottleneck, ("drop_path",), ("9eacf56781af34f0",), _TIMM),
-    "torchvision.models.convnext.CNBlock": Adapter(
+    "timm.models.resnet.Bottleneck": _adapter(_timm_bottleneck, ("drop_path",), ("9eacf56781af34f0",), _TIMM),
+    "torchvision.models.convnext.CNBlock": _adapter(
         _tv_cnblock, ("stochastic_depth",), ("8b77484002aa7235",), _TV
     ),
-    "torchvision.models.swin_transformer.SwinTransformerBlock": Adapter(
+    "torchvision.models.swin_transformer.SwinTransformerBlock": _adapter(
         _tv_swin_block, ("stochastic_depth",), ("d18714a77cfd2c67",), _TV
     ),
-    "torchvision.models.efficientnet.MBConv": Adapter(
+    "torchvision.models.efficientnet.MBConv": _adapter(
         _tv_mbconv, ("stochastic_depth",), ("7971d2ec2a3ebfad",), _TV
     ),
-    "torchvision.models.maxvit.MBConv": Adapter(
+    "torchvision.models.maxvit.MBConv": _adapter(
         _tv_maxvit_mbconv, ("stochastic_depth",), ("90cd43403bc42794",), _TV
     ),
-    "torchvision.models.maxvit.PartitionAttentionLayer": Adapter(
+    "torchvision.models.maxvit.PartitionAttentionLayer": _adapter(
         _tv_partition_attention, ("stochastic_dropout",), ("6bc4934064ff07bc",), _TV
     ),
-    "transformers.models.convnext.modeling_convnext.ConvNextLayer": Adapter(
+    "transformers.models.convnext.modeling_convnext.ConvNextLayer": _adapter(
         _hf_convnext_layer, ("drop_path",), ("c5c32aecccd308bb",), _HF
     ),
-    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Adapter(
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": _adapter(
         _hf_dinov2_layer, ("drop_path",), ("52b6f5d5e5f0e7e9",), _HF
     ),
-    "transformers.models.beit.modeling_beit.BeitLayer": Adapter(
+    "transformers.models.beit.modeling_beit.BeitLayer": _adapter(
         _hf_beit_layer, ("drop_path",), ("55e924396cb3189a",), _HF
     ),
-    "transformers.models.swin.modeling_swin.SwinLayer": Adapter(
+    "transformers.models.swin.modeling_swin.SwinLayer": _adapter(
         _hf_swin_layer, ("drop_path",), ("afe7bb61de46911e",), _HF
     ),
-    "transformers.models.segformer.modeling_segformer.SegformerLayer": Adapter(
+    "transformers.models.segformer.modeling_segformer.SegformerLayer": _adapter(
         _hf_segformer_layer, ("drop_path",), ("9fec6905750d5652",), _HF
     ),
 }

@@ -177,9 +177,13 @@ def _needs_touch() -> bool:
 
 @_eager
 def _skip(base: Tensor, branch: Branch) -> Tensor:
-    """A step whose branch is dropped for every sample: ``base``, the branch never called."""
-    if isinstance(branch, nn.Module) and _needs_touch():
-        params = [p for p in branch.parameters() if p.requires_grad]
+    """A step whose branch is dropped for every sample: ``base``, the branch never called.
+
+    Under DDP, the parameters of ``branch`` (a module, or any callable with ``parameters()``)
+    receive zero gradients."""
+    parameters = getattr(branch, "parameters", None)
+    if callable(parameters) and _needs_touch():
+        params = [p for p in parameters() if p.requires_grad]
         if params:
             out: Tensor = _TouchParams.apply(base, *params)  # type: ignore[no-untyped-call]
             return out

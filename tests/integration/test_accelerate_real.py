@@ -185,9 +185,7 @@ def test_same_decisions_same_output_and_gradients(name, monkeypatch):
 
 def _small_vit(**kwargs):
     timm = require("timm")
-    return timm.create_model(
-        "deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, **kwargs
-    )
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, **kwargs)
 
 
 def test_keep_rate_is_one_minus_p_and_the_branch_sees_the_kept_samples(monkeypatch):
@@ -339,3 +337,80 @@ def test_bad_input_is_named():
         accelerate(model, 0.1, "cosine")
     with pytest.raises(ValueError, match="batchnorm must be one of"):
         accelerate(model, 0.1, batchnorm="sync")
+
+
+def test_compiled_schedule_does_not_recompile_per_rate():
+    counters = require("torch._dynamo.utils").counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = require("timm").create_model(
+        "deit_tiny_patch16_224", pretrained=False, img_size=32, depth=6
+    )
+    accelerate(model, 0.5)
+    sched = DropRateScheduler(model, 0.5, depth_rule="linspace", time_rule="warmup", warmup_steps=50)
+    compiled = torch.compile(model)
+    model.train()
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(4):
+        compiled(x).sum().backward()
+        sched.step()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(8):  # every rate changes at every step: no new graph
+        compiled(x).sum().backward()
+        sched.step()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert graphs <= 10
+
+
+def _ddp_worker(rank, world, port, result_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same weights and decisions on every rank
+        model = _small_vit()
+        accelerate(model, 0.7, "uniform")
+        wrapped = DistributedDataParallel(model)  # default arguments
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.01)
+        data = torch.Generator().manual_seed(100 + rank)
+        for _ in range(6):
+            loss = wrapped(torch.randn(4, 3, 32, 32, generator=data)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # see tests/test_residual.py: gloo's destructor can deadlock at teardown
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    import socket
+    import time
+
+    mp = require("torch.multiprocessing")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(
+        _ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail("the 2-process DDP run did not finish in 240 s")
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
