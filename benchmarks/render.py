@@ -15,10 +15,17 @@ KINDS = {
     "vit": "Small ViT",
     "conv": "ResNet-110 trunk",
     "llama": "Llama, 8 layers",
+    "model": "a library's model",
 }
 
 
 def title(cfg: dict) -> str:
+    if cfg["kind"] == "model":  # a timm, torchvision or transformers model: its own rates
+        threads = f", {cfg['threads']} thread(s)" if cfg.get("threads") else ""
+        return (
+            f"{cfg['model']}, image {cfg['image']}, batch {cfg['batch']}, "
+            f"drop_path_rate = {cfg['p']}{threads}"
+        )
     kind = KINDS[cfg["kind"]] if cfg["kind"] != "conv" or cfg["depth"] == 54 else "ResNet trunk"
     rate = (
         f"p = {cfg['p']} uniform" if cfg["rule"] == "uniform" else f"linear decay to p = {cfg['p']}"
@@ -34,17 +41,18 @@ def order(report: dict) -> tuple:
     kinds = list(KINDS)
     return (
         kinds.index(cfg["kind"]),
-        cfg["mode"] != "row",
+        cfg.get("model") or "",
+        cfg["mode"] not in ("row", None),
         -cfg["p"],
-        cfg["rule"],
+        cfg["rule"] or "",
         bool(cfg.get("compile")),
         cfg.get("threads") or 0,
     )
 
 
 def is_droppath(variant: dict) -> bool:
-    """droppath's default way: Residual's auto strategy, or layer_drop."""
-    ours = variant["kind"] == "layer_drop" or (
+    """droppath's default way: Residual's auto strategy, layer_drop, or accelerate."""
+    ours = variant["kind"] in ("layer_drop", "accelerate") or (
         variant["kind"] == "residual" and variant["strategy"] == "auto"
     )
     return ours and not variant["p_zero"]
@@ -64,9 +72,11 @@ def main(folder: str = "benchmarks/results") -> None:
         ours = next(r for r in report["results"] if is_droppath(r["variant"]))
         cells["memory"] = f"{ours['memory_ratio_to_mask_multiply']:.2f}"
         cells["ideal"] = f"{report['kept_fraction']:.3f}"
-        cells["plain ms"] = f"{report['results'][0]['step_ms']:.1f}"
+        baseline = f"{report['results'][0]['name']} ms"  # plain, or a library model's original
+        cells[baseline] = f"{report['results'][0]['step_ms']:.1f}"
         rows.append((title(report["config"]), cells))
-    cols = ["plain ms", *columns, "eval", "ideal", "memory"]
+    baselines = [f"{c} ms" for c in ("plain", "original") if any(f"{c} ms" in r for _, r in rows)]
+    cols = [*baselines, *columns, "eval", "ideal", "memory"]
     print("| setup | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for name, cells in rows:

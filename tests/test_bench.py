@@ -129,6 +129,13 @@ def test_compiled_bench_runs_every_variant():
         (["--json", "/nonexistent/dir/out.json"], "--json must be a path in a writable folder"),
         (["--bucket", "0"], "bucket must be None or an int >= 1, got 0"),
         (["--batch", "1000000000"], "batch must fit the cpu memory: batch 1000000000"),
+        (
+            ["--model", "keras:resnet"],
+            "model must be LIBRARY:NAME with LIBRARY one of timm, torchvision, transformers, "
+            "got 'keras:resnet'",
+        ),
+        (["--model", "timm:resnet50"], "depth does not apply to a library model"),
+        (["--image", "64"], "image applies to a library model only"),
     ],
 )
 def test_cli_mistakes_are_one_line(args, message, capsys):
@@ -148,3 +155,12 @@ def test_memory_estimate_admits_the_benchmarked_setups():
     )["results"][0]["memory_mb"]
     estimate = estimate_step_bytes(BenchConfig(kind="mlp", depth=4, batch=32, width=64, tokens=8))
     assert estimate > measured * 2**20  # an upper estimate of what a step keeps
+
+
+def test_cli_model_needs_its_library(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    assert main(["bench", "--model", "timm:resnet50", "--reps", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model 'timm:resnet50' needs timm: pip install timm" in err[0], err

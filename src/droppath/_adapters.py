@@ -461,7 +461,9 @@ ADAPTERS: dict[str, Adapter] = {
     "timm.models._efficientnet_blocks.InvertedResidual": _adapter(
         _timm_inverted_residual, ("drop_path",), ("89809e503655993d",), _TIMM
     ),
-    "timm.models.resnet.Bottleneck": _adapter(_timm_bottleneck, ("drop_path",), ("9eacf56781af34f0",), _TIMM),
+    "timm.models.resnet.Bottleneck": _adapter(
+        _timm_bottleneck, ("drop_path",), ("9eacf56781af34f0",), _TIMM
+    ),
     "torchvision.models.convnext.CNBlock": _adapter(
         _tv_cnblock, ("stochastic_depth",), ("8b77484002aa7235",), _TV
     ),

@@ -61,8 +61,10 @@ class AccelerationReport(tuple[SiteReport, ...]):
         head = ("site", "block", "rate", "runs", "reason")
         rows = [(r.name, r.block, f"{r.rate:.4g}", r.runs, r.reason) for r in self]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                 for row in (head, *rows)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in (head, *rows)
+        ]
         counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
         return "\n".join([*lines, f"{len(self)} sites: {counts}"])
 

@@ -8,6 +8,7 @@ plain residual (no drop path at all).
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import platform
@@ -29,10 +30,11 @@ from droppath._checks import (
     check_probability,
 )
 from droppath._progress import progress_bar
+from droppath.acceleration import accelerate
 from droppath.models.resnet import CifarResNet
 from droppath.models.vit import AttentionBranch, SmallViT, mlp_branch
 from droppath.residual import Residual
-from droppath.schedules import DEPTH_RULES, depth_rates
+from droppath.schedules import DEPTH_RULES, depth_rates, drop_path_sites, set_drop_rates
 
 __all__ = [
     "BenchConfig",
@@ -81,24 +83,40 @@ class MaskMultiplyResidual(PlainResidual):
         return result
 
 
+LIBRARIES = ("timm", "torchvision", "transformers")
+
+
 @dataclass
 class BenchConfig:
+    """What ``droppath bench`` times: a stack of ``kind``, or with ``model`` ("timm:NAME",
+    "torchvision:NAME" or "transformers:MODEL_TYPE") a library's model, original vs
+    :func:`droppath.accelerate`, at the library's own rates for ``p`` on ``image``-pixel images."""
+
     kind: str = "mlp"
     depth: int | None = None
     batch: int | None = None
     width: int | None = None
     tokens: int | None = None
     p: float = 0.5
-    rule: str = "uniform"
-    mode: str = "row"
+    rule: str | None = None
+    mode: str | None = None
     reps: int = 20
     warmup: int = 3
     threads: int | None = None
     seed: int = 0
     compile: bool = False
     bucket: int | None = None
+    model: str | None = None
+    image: int | None = None
 
     def __post_init__(self) -> None:
+        if self.model is not None:
+            self._check_model()
+            return
+        if self.image is not None:
+            raise ValueError("image applies to a library model only (model='timm:NAME', ...)")
+        self.rule = "uniform" if self.rule is None else self.rule
+        self.mode = "row" if self.mode is None else self.mode
         check_choice(self.kind, "kind", KINDS)
         check_choice(self.rule, "rule", DEPTH_RULES)
         check_choice(self.mode, "mode", MODES)
@@ -126,6 +144,43 @@ class BenchConfig:
                 f"{self.kind!r}, got {self.width}"
             )
 
+    def _check_model(self) -> None:
+        """The checks of a library model's bench; the stack's options do not apply to it."""
+        library, _, name = str(self.model).partition(":")
+        if library not in LIBRARIES or not name:
+            raise ValueError(
+                f"model must be LIBRARY:NAME with LIBRARY one of {', '.join(LIBRARIES)}, "
+                f"got {self.model!r}"
+            )
+        given = [
+            f
+            for f, v in (
+                ("depth", self.depth),
+                ("width", self.width),
+                ("tokens", self.tokens),
+                ("rule", self.rule),
+                ("mode", self.mode),
+                ("bucket", self.bucket),
+            )
+            if v is not None
+        ]
+        if self.kind != "mlp" and self.kind != "model":
+            given.insert(0, "kind")
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise ValueError(
+                f"{', '.join(given)} {verb} not apply to a library model (it has its own blocks "
+                f"and rates), got with model={self.model!r}"
+            )
+        self.kind = "model"
+        self.p = check_probability(self.p)
+        self.batch = check_positive_int(self.batch or 32, "batch")
+        self.image = check_positive_int(self.image or 96, "image")
+        self.reps = check_positive_int(self.reps, "reps")
+        self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
+        if self.threads is not None:
+            self.threads = check_positive_int(self.threads, "threads")
+
 
 @dataclass
 class VariantResult:
@@ -138,8 +193,61 @@ class VariantResult:
     times_ms: list[float] = field(repr=False)
 
 
+class _LibraryModel(nn.Module):
+    """A timm, torchvision or Hugging Face model as a module from images to one tensor (its
+    logits, or its last hidden state)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.net(x)
+        if isinstance(y, Tensor):
+            return y
+        out: Tensor = y.last_hidden_state if hasattr(y, "last_hidden_state") else y[0]
+        return out
+
+
+def _build_library_model(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
+    """The library's model with its own drop-path rates for ``p`` (``drop_path_rate``,
+    ``stochastic_depth_prob``), random weights, and a batch of ``image``-pixel images."""
+    library, _, name = str(cfg.model).partition(":")
+    try:
+        lib = importlib.import_module(library)
+    except ImportError:
+        raise ValueError(f"model {cfg.model!r} needs {library}: pip install {library}") from None
+    size = cfg.image or 96
+    net: nn.Module
+    if library == "timm":
+        try:
+            net = lib.create_model(name, pretrained=False, drop_path_rate=cfg.p, img_size=size)
+        except TypeError:  # a model without a fixed input size (ConvNeXt, ResNet, ...)
+            net = lib.create_model(name, pretrained=False, drop_path_rate=cfg.p)
+        except RuntimeError as e:
+            raise ValueError(f"model must name a timm model, got {cfg.model!r}: {e}") from None
+    elif library == "torchvision":
+        models = importlib.import_module("torchvision.models")
+        if not callable(getattr(models, name, None)):
+            raise ValueError(f"model must name a torchvision model, got {cfg.model!r}")
+        try:
+            net = getattr(models, name)(stochastic_depth_prob=cfg.p)
+        except TypeError:  # swin_t, maxvit_t: the builder fixes the rate; torchvision's linspace
+            net = getattr(models, name)()
+            set_drop_rates(net, cfg.p, "linspace")
+    else:
+        try:
+            config = lib.AutoConfig.for_model(name, drop_path_rate=cfg.p, image_size=size)
+        except ValueError as e:
+            raise ValueError(f"model must name a transformers model type: {e}") from None
+        net = lib.AutoModel.from_config(config)
+    return _LibraryModel(net), torch.randn(cfg.batch or 1, 3, size, size)
+
+
 def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
-    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
+    if cfg.kind == "model":
+        return _build_library_model(cfg)
+    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule or "uniform")
     width = cfg.width or 1
     if cfg.kind == "conv":
         model: nn.Module = CifarResNet(
@@ -236,7 +344,9 @@ class Variant:
     """One way to compute the model: a label for the table and what it means."""
 
     label: str
-    kind: str  # "plain", "mask-multiply", "residual", "torchtune" or "layer_drop"
+    # "plain", "mask-multiply", "residual", "torchtune", "layer_drop", or for a library model
+    # "original" and "accelerate"
+    kind: str
     strategy: str = "auto"
     p_zero: bool = False  # Residual with every rate set to 0: its overhead when nothing drops
     bucket: int | None = None
@@ -244,6 +354,12 @@ class Variant:
 
 def variants(mode: str, bucket: int | None = None, kind: str = "mlp") -> list[Variant]:
     """The variants a bench run compares, the baseline first."""
+    if kind == "model":
+        return [
+            Variant("original", "original"),
+            Variant("accelerate", "accelerate"),
+            Variant("accelerate p=0", "accelerate", p_zero=True),
+        ]
     if kind == "llama":
         return [
             Variant("plain", "plain"),
@@ -290,6 +406,12 @@ def _variant(model: nn.Module, variant: Variant, rates: list[float] | None = Non
     out = copy.deepcopy(model, memo=shared)
     if isinstance(out, _LanguageModelLoss):
         return _layer_variant(out, variant, rates or [])
+    if isinstance(out, _LibraryModel):
+        if variant.kind == "accelerate":
+            accelerate(out.net)
+            if variant.p_zero:
+                set_drop_rates(out.net, 0.0)
+        return out
     for parent in list(out.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, Residual):
@@ -435,8 +557,8 @@ def _prepare(
     if cfg.kind == "conv" and dev.type == "cuda":  # cuDNN's fast layout; on CPUs, NCHW
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
-    order = variants(cfg.mode, cfg.bucket, cfg.kind)
-    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
+    order = variants(cfg.mode or "row", cfg.bucket, cfg.kind)
+    rates = _rates(cfg, base)
     models = {v.label: _variant(base, v, rates).train() for v in order}
     if cfg.compile:
         torch._dynamo.reset()
@@ -444,6 +566,15 @@ def _prepare(
     else:
         runners = dict(models)
     return order, models, runners, x
+
+
+def _rates(cfg: BenchConfig, model: nn.Module) -> list[float]:
+    """The drop rate of every site: by the depth rule, or the library model's own."""
+    if cfg.kind == "model":
+        return [
+            float(getattr(m, "p", getattr(m, "drop_prob", 0.0))) for _, m in drop_path_sites(model)
+        ]
+    return depth_rates(cfg.depth or 1, cfg.p, cfg.rule or "uniform")
 
 
 def _interleaved_times(
@@ -491,22 +622,24 @@ def run_bench(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     order, models, runners, x = _prepare(cfg, dev)
-    ours = next(  # droppath's default: Residual's auto strategy, or layer_drop
+    ours = next(  # droppath's default: Residual's auto strategy, layer_drop, or accelerate
         v.label
         for v in order
-        if v.kind in ("residual", "layer_drop") and v.strategy == "auto" and not v.p_zero
+        if v.kind in ("residual", "layer_drop", "accelerate")
+        and v.strategy == "auto"
+        and not v.p_zero
     )
-    eval_labels = {"plain": "plain", "Residual": ours}
+    eval_labels = {"plain": order[0].label, "Residual": ours}
     times, eval_times = _interleaved_times(cfg, models, runners, eval_labels, x, dev, progress)
     memory = {v.label: _peak_memory(runners[v.label], x, 3) for v in order}
-    mm_mem = memory.get("mask-multiply", memory["plain"])
+    mm_mem = memory.get("mask-multiply", memory[order[0].label])
     results = [
         asdict(
             VariantResult(
                 name=v.label,
                 variant=asdict(v),
                 step_ms=1e3 * statistics.median(times[v.label]),
-                ratio=_paired_ratio(times[v.label], times["plain"]),
+                ratio=_paired_ratio(times[v.label], times[order[0].label]),
                 memory_mb=memory[v.label],
                 memory_ratio_to_mask_multiply=memory[v.label] / mm_mem if mm_mem else float("nan"),
                 times_ms=[1e3 * s for s in times[v.label]],
@@ -514,7 +647,7 @@ def run_bench(
         )
         for v in order
     ]
-    rates = depth_rates(cfg.depth or 1, cfg.p, cfg.rule)
+    rates = _rates(cfg, models[ours])  # a library model's: with the filled slots
     return {
         "config": asdict(cfg),
         "machine": machine_info(dev),
@@ -532,14 +665,28 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a Markdown table."""
     cfg = report["config"]
     memory_label = "peak MB" if report["machine"]["device"].startswith("cuda") else "saved MB"
+    machine = report["machine"]
+    where = f"torch {machine['torch']}, {machine['device']}, {machine['torch_threads']} threads"
+    kept = f"kept fraction {report['kept_fraction']:.3f}"
+    if cfg["kind"] == "model":
+        head = (
+            f"model={cfg['model']} image={cfg['image']} batch={cfg['batch']} p={cfg['p']} "
+            f"(the library's own rates) reps={cfg['reps']} ({kept}; {where})"
+        )
+        baseline, memory_baseline = "original", "original"
+    else:
+        head = (
+            f"kind={cfg['kind']} depth={cfg['depth']} batch={cfg['batch']} width={cfg['width']} "
+            f"p={cfg['p']} rule={cfg['rule']} mode={cfg['mode']} reps={cfg['reps']} "
+            f"({kept}; {where})"
+        )
+        baseline = "plain"
+        memory_baseline = "mask-multiply" if cfg["kind"] != "llama" else "plain"
     lines = [
-        f"kind={cfg['kind']} depth={cfg['depth']} batch={cfg['batch']} width={cfg['width']} "
-        f"p={cfg['p']} rule={cfg['rule']} mode={cfg['mode']} reps={cfg['reps']} "
-        f"(kept fraction {report['kept_fraction']:.3f}; torch {report['machine']['torch']}, "
-        f"{report['machine']['device']}, {report['machine']['torch_threads']} threads)",
+        head,
         "",
-        f"| variant | step ms (median) | vs plain (median of paired ratios) | {memory_label} | "
-        f"memory vs {'mask-multiply' if cfg['kind'] != 'llama' else 'plain'} |",
+        f"| variant | step ms (median) | vs {baseline} (median of paired ratios) | "
+        f"{memory_label} | memory vs {memory_baseline} |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
@@ -549,7 +696,8 @@ def format_table(report: dict[str, Any]) -> str:
         )
     ev = report["eval"]
     lines.append(
-        f"| eval forward: droppath vs plain | {ev['residual_ms']:.1f} | {ev['ratio']:.3f} | | |"
+        f"| eval forward: droppath vs {baseline} | {ev['residual_ms']:.1f} | {ev['ratio']:.3f} "
+        "| | |"
     )
     return "\n".join(lines)
 

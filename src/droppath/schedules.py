@@ -399,8 +399,8 @@ class DropRateScheduler:
 
     In the style of ``torch.optim.lr_scheduler``: construct it once (it sets the rates of step 0),
     call :meth:`step` once per training iteration, and save :meth:`state_dict` with the checkpoint.
-    The rate of site ``i`` at step ``t`` is ``depth_rates(n, p, depth_rule)[i] * f(t)``, where the
-    time rule ``f`` is one of:
+    The rate of a site of block ``i`` (of ``n``, counted as :func:`set_drop_rates` does) at step
+    ``t`` is ``depth_rates(n, p, depth_rule)[i] * f(t)``, where the time rule ``f`` is one of:
 
     - ``"constant"``: ``f = 1``, the usual stochastic depth.
     - ``"warmup"`` (``warmup_steps``): ``f = min(1, t / warmup_steps)``, for deep models that do not

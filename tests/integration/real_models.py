@@ -93,7 +93,9 @@ def build(name: str, p: float, **extra: Any) -> torch.nn.Module:
     library, model = name.split(":")
     if library == "timm":
         timm = require("timm")
-        return timm.create_model(model, pretrained=False, drop_path_rate=p, **TIMM[model][0], **extra)
+        return timm.create_model(
+            model, pretrained=False, drop_path_rate=p, **TIMM[model][0], **extra
+        )
     if library == "torchvision":
         models = require("torchvision.models")
         if model == "swin_t":  # swin_t's and maxvit_t's builders fix the rate: their configs
@@ -138,3 +140,15 @@ def output(y: Any) -> torch.Tensor:
     if hasattr(y, "last_hidden_state"):
         return y.last_hidden_state
     return y[0]
+
+
+def build_default(name: str, p: float) -> torch.nn.Module:
+    """The model ``name`` as its library builds it by default (full size), with rate ``p``."""
+    library, model = name.split(":")
+    if library == "transformers":
+        t = require("transformers")
+        config = getattr(t, model.replace("Model", "Config"))(drop_path_rate=p)
+        return getattr(t, model)(config)
+    if library == "timm":
+        return require("timm").create_model(model, pretrained=False, drop_path_rate=p)
+    return build(name, p)

@@ -14,6 +14,7 @@ import pickle
 
 import pytest
 import torch
+from real_models import BATCHNORM, MODELS, RULES, build, example, output
 from torch import nn
 
 import droppath.residual as residual_module
@@ -27,7 +28,6 @@ from droppath import (
     set_drop_rates,
 )
 from droppath.schedules import fill_slots
-from real_models import BATCHNORM, MODELS, RULES, build, example, output
 
 
 def _lib_rates(model: nn.Module) -> dict[str, float]:
@@ -185,7 +185,9 @@ def test_same_decisions_same_output_and_gradients(name, monkeypatch):
 
 def _small_vit(**kwargs):
     timm = require("timm")
-    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, **kwargs)
+    return timm.create_model(
+        "deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, **kwargs
+    )
 
 
 def test_keep_rate_is_one_minus_p_and_the_branch_sees_the_kept_samples(monkeypatch):
@@ -226,10 +228,15 @@ def test_both_modes_stay_live():
 
 def test_schedules_convert_and_prune_see_the_same_sites():
     model = _small_vit(drop_path_rate=0.1)
-    before = [n for n, _ in drop_path_sites(convert(copy.deepcopy(model)))]
+    timm_sites = [n for n, _ in drop_path_sites(model)]  # timm's DropPath modules
+    filled = convert(copy.deepcopy(model))
+    fill_slots(filled)
     accelerate(model)
     names = [n for n, _ in drop_path_sites(model)]
-    assert names[: len(before)] == before or set(before) <= set(names)
+    # timm's sites keep their names; the empty slot of block 0 joins them, where it was
+    assert names == [n for n, _ in drop_path_sites(filled)]
+    assert set(timm_sites) < set(names)
+    assert names[:2] == ["blocks.0.drop_path1", "blocks.0.drop_path2"]
     assert [n for n, _ in set_drop_rates(model, 0.2, "linspace")] == names
     sched = DropRateScheduler(model, 0.2, depth_rule="linspace", time_rule="warmup", warmup_steps=2)
     assert [n for n, _ in sched.sites] == names
@@ -348,7 +355,9 @@ def test_compiled_schedule_does_not_recompile_per_rate():
         "deit_tiny_patch16_224", pretrained=False, img_size=32, depth=6
     )
     accelerate(model, 0.5)
-    sched = DropRateScheduler(model, 0.5, depth_rule="linspace", time_rule="warmup", warmup_steps=50)
+    sched = DropRateScheduler(
+        model, 0.5, depth_rule="linspace", time_rule="warmup", warmup_steps=50
+    )
     compiled = torch.compile(model)
     model.train()
     x = torch.randn(8, 3, 32, 32)
@@ -414,3 +423,53 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert s0.keys() == s1.keys()
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+
+
+def docs_table() -> str:
+    """The table of docs/accelerate.md: ``accelerate``'s report on each model, as its library
+    builds it by default (full size, random weights), with ``drop_path_rate=0.1``."""
+    from real_models import build_default
+
+    lines = [
+        "| model | blocks rewritten | sites | row subset | batch skip | mask | why mask |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name in MODELS:
+        report = accelerate(build_default(name, 0.1))
+        rewritten = sorted({r.block for r in report if r.runs != "mask"})
+        counts = report.counts()
+        reasons = sorted({f"{r.block}: {r.reason}" for r in report if r.runs == "mask"})
+        lines.append(
+            f"| {name} | {', '.join(rewritten) or '-'} | {len(report)} | {counts['row subset']} "
+            f"| {counts['batch skip']} | {counts['mask']} | {'; '.join(reasons) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def test_docs_table_is_the_report():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "accelerate.md").read_text()
+    table = docs_table()
+    assert table in docs, f"docs/accelerate.md must hold this table:\n{table}"
+
+
+def test_batch_mode_sites_skip_the_whole_branch():
+    torch.manual_seed(0)
+    model = build("torchvision:convnext_tiny", 0.0)
+    convert(model)
+    for _, site in drop_path_sites(model):
+        site.mode = "batch"  # torchvision's StochasticDepth(mode="batch")
+    report = accelerate(model, 0.5, "uniform")
+    assert report.counts() == {"row subset": 0, "batch skip": len(report), "mask": 0}
+    calls = []
+    blocks = [m for m in model.modules() if type(m).__name__ == "CNBlock"]
+    for block in blocks:
+        block.block.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    steps = 12
+    for _ in range(steps):
+        model(x).sum().backward()
+    assert set(calls) <= {2}  # a kept step runs the whole batch
+    assert binom_pvalue(len(calls), steps * len(blocks), 0.5) > 1e-4

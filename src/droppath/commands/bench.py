@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "bench",
         help=COMMANDS["bench"],
         description="Time forward + backward of a residual stack: plain residual, the "
-        "mask-multiply drop path of timm/torchvision, and droppath.Residual with each strategy, "
-        "interleaved in one process; print medians and ratios.",
+        "mask-multiply drop path of timm/torchvision, and droppath.Residual with each strategy; "
+        "or, with --model, a timm, torchvision or Hugging Face model as built vs accelerated by "
+        "droppath.accelerate. Variants are interleaved in one process; print medians and ratios.",
     )
     p.add_argument(
         "--kind",
@@ -45,11 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-p", "--p", type=float, default=0.5, help="drop rate (default: 0.5)")
     p.add_argument(
         "--rule",
-        default="uniform",
-        help="depth rule: uniform, linear (the paper's decay to p), linspace, exp, log, sin, "
-        "sigmoid or step (default: uniform)",
+        default=None,
+        help="depth rule: uniform, linear (the paper's decay to p), linspace, efficientnet, exp, "
+        "log, sin, sigmoid or step (default: uniform)",
     )
-    p.add_argument("--mode", default="row", help="row or batch (default: row)")
+    p.add_argument("--mode", default=None, help="row or batch (default: row)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="LIBRARY:NAME",
+        help="time a library's model instead of a stack: timm:NAME, torchvision:NAME or "
+        "transformers:MODEL_TYPE (random weights), original vs droppath.accelerate, at the "
+        "library's own rates for -p (its drop_path_rate); needs that library",
+    )
+    p.add_argument("--image", type=int, default=None, help="image side for --model (default: 96)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per variant (default: 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -93,7 +103,12 @@ def run(ns: Any) -> int:
         check_memory(cfg, device)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
+    try:
+        report = run_bench(cfg, device=ns.device, progress=not ns.no_progress)
+    except ValueError as e:  # a library model that cannot be built: named, one line
+        if cfg.model is None:
+            raise
+        raise UsageError(str(e)) from None
     print(format_table(report))
     if ns.json:
         write_json(report, ns.json)
