@@ -77,9 +77,12 @@ def _residual(
     x: Tensor,
     branch: Callable[[Tensor], Tensor],
     shortcut: Callable[[Tensor], Tensor] | None = None,
+    branch_first: bool = False,
 ) -> Tensor:
     """``shortcut(x) + block.<site>(branch(x))`` with the site's settings, skipping the dropped
-    work: row mode runs ``branch`` on the kept samples, batch mode skips a dropped step."""
+    work: row mode runs ``branch`` on the kept samples, batch mode skips a dropped step.
+    ``branch_first``: the original adds the branch first (``drop_path(g) + x``, or ``g += x``),
+    so its sum has the branch output's memory format; the rewrite keeps it."""
     drop = getattr(block, site)
     # drop_add_residual's training step, called directly: this frame already runs on the host
     return _skipping_add(
@@ -93,6 +96,7 @@ def _residual(
         "auto",
         None,
         None,
+        branch_first,
     )
 
 
@@ -180,7 +184,7 @@ def _timm_convnext_block(self: Any, original: Any, x: Tensor) -> Tensor:
             h = h.mul(self.gamma.reshape(1, -1, 1, 1))
         return h
 
-    return _residual(self, "drop_path", x, branch, shortcut=self.shortcut)
+    return _residual(self, "drop_path", x, branch, shortcut=self.shortcut, branch_first=True)
 
 
 def _timm_swin_block(self: Any, original: Any, x: Tensor) -> Tensor:
@@ -206,7 +210,7 @@ def _timm_depthwise_separable(self: Any, original: Any, x: Tensor) -> Tensor:
         h = self.conv_pw(h)
         return self.bn2(h)  # type: ignore[no-any-return]
 
-    return _residual(self, "drop_path", x, branch)
+    return _residual(self, "drop_path", x, branch, branch_first=True)
 
 
 def _timm_inverted_residual(self: Any, original: Any, x: Tensor) -> Tensor:
@@ -226,7 +230,7 @@ def _timm_inverted_residual(self: Any, original: Any, x: Tensor) -> Tensor:
         h = self.conv_pwl(h)
         return self.bn3(h)  # type: ignore[no-any-return]
 
-    return _residual(self, "drop_path", x, branch)
+    return _residual(self, "drop_path", x, branch, branch_first=True)
 
 
 def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
@@ -245,7 +249,7 @@ def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
             h = self.se(h)
         return h
 
-    out = _residual(self, "drop_path", x, branch, shortcut=self.downsample)
+    out = _residual(self, "drop_path", x, branch, shortcut=self.downsample, branch_first=True)
     if out.data_ptr() == x.data_ptr():  # every sample dropped: act3 may work in place
         out = out.clone()
     return self.act3(out)  # type: ignore[no-any-return]
@@ -255,7 +259,13 @@ def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
 
 
 def _tv_cnblock(self: Any, original: Any, input: Tensor) -> Tensor:
-    return _residual(self, "stochastic_depth", input, lambda h: self.layer_scale * self.block(h))
+    return _residual(
+        self,
+        "stochastic_depth",
+        input,
+        lambda h: self.layer_scale * self.block(h),
+        branch_first=True,
+    )
 
 
 def _tv_swin_block(self: Any, original: Any, x: Tensor) -> Tensor:
@@ -266,7 +276,7 @@ def _tv_swin_block(self: Any, original: Any, x: Tensor) -> Tensor:
 def _tv_mbconv(self: Any, original: Any, input: Tensor) -> Tensor:
     if not self.use_res_connect:
         return original(self, input)
-    return _residual(self, "stochastic_depth", input, self.block)
+    return _residual(self, "stochastic_depth", input, self.block, branch_first=True)
 
 
 def _tv_maxvit_mbconv(self: Any, original: Any, x: Tensor) -> Tensor:

@@ -119,11 +119,17 @@ class _ScatterAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, base: Tensor, rows: Tensor, idx: Tensor, dim: int, alpha: float
+        ctx: Any,
+        base: Tensor,
+        rows: Tensor,
+        idx: Tensor,
+        dim: int,
+        alpha: float,
+        memory_format: torch.memory_format = torch.preserve_format,
     ) -> Tensor:
         ctx.save_for_backward(idx)
         ctx.dim, ctx.alpha = dim, alpha
-        return base.clone().index_add_(dim, idx, rows, alpha=alpha)
+        return base.clone(memory_format=memory_format).index_add_(dim, idx, rows, alpha=alpha)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -133,7 +139,7 @@ class _ScatterAdd(torch.autograd.Function):
             grad_rows = grad.index_select(ctx.dim, idx)
             if ctx.alpha != 1.0:
                 grad_rows.mul_(ctx.alpha)  # a fresh tensor: scaled in place
-        return grad, grad_rows, None, None, None
+        return grad, grad_rows, None, None, None, None
 
 
 class _Split(torch.autograd.Function):
@@ -405,9 +411,11 @@ def _skipping_add(
     strategy: str,
     bucket: int | None,
     generator: torch.Generator | None,
+    branch_layout: bool = False,
 ) -> Tensor:
     """Training step of batch mode and of row mode's ``subset`` and ``auto``: draw, then run the
-    branch on what is kept.
+    branch on what is kept. ``branch_layout``: the sum takes the branch output's memory format
+    (see ``_result_format``).
 
     Under torch.compile this frame runs eagerly, so the rate and the draws never enter a graph (no
     guard on ``p``, no recompilation when a schedule changes it), while ``branch`` and
@@ -424,7 +432,7 @@ def _skipping_add(
     if mode == "batch" and not _draw_gate(keep, generator):
         return _skip(_run(shortcut, x, dim), branch)
     if mode == "batch" or p == 0.0:
-        return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale)
+        return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale, branch_layout)
 
     n = x.shape[dim]
     idx, run = _draw_rows(n, keep, x.device, generator, bucket)
@@ -432,10 +440,11 @@ def _skipping_add(
     if k == 0:
         return _skip(_run(shortcut, x, dim), branch)
     if k == n:
-        return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale)
+        return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale, branch_layout)
     # one node hands x to the shortcut path and the rows to run to the branch
     x_all, rows = _split(x, run, dim)
-    return _scatter_add(_run(shortcut, x_all, dim), _run(branch, rows, dim), idx, dim, scale)
+    base, out = _run(shortcut, x_all, dim), _run(branch, rows, dim)
+    return _scatter_add(base, out, idx, dim, scale, branch_layout)
 
 
 @_host_side
@@ -459,9 +468,26 @@ def _compiled_call(fn: Branch, x: Tensor) -> Tensor:
 
 
 @_eager
-def _add(base: Tensor, out: Tensor, scale: float) -> Tensor:
+def _add(base: Tensor, out: Tensor, scale: float, branch_layout: bool = False) -> Tensor:
     base, out = _common(base, out)
+    if _result_format(out, branch_layout) == torch.channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
     return torch.add(base, out, alpha=scale)
+
+
+def _result_format(out: Tensor, branch_layout: bool) -> torch.memory_format:
+    """The memory format of the sum: ``base``'s, or with ``branch_layout`` the branch output's
+    when it is channels_last (as ``branch + base`` gives, e.g. after a permute), so that a
+    rewritten block returns what its original returned and the next block runs the same
+    kernels."""
+    if (
+        branch_layout
+        and out.dim() == 4
+        and not out.is_contiguous()
+        and out.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.preserve_format
 
 
 @_eager
@@ -476,7 +502,9 @@ def _gather(x: Tensor, idx: Tensor, dim: int) -> Tensor:
 
 
 @_eager
-def _scatter_add(base: Tensor, out: Tensor, idx: Tensor, dim: int, scale: float) -> Tensor:
+def _scatter_add(
+    base: Tensor, out: Tensor, idx: Tensor, dim: int, scale: float, branch_layout: bool = False
+) -> Tensor:
     """``base`` plus ``scale`` times the first ``len(idx)`` rows of ``out`` at rows ``idx``; the
     rest of ``out`` (rows run only to fill a bucket) is discarded."""
     k = idx.shape[0]
@@ -484,7 +512,8 @@ def _scatter_add(base: Tensor, out: Tensor, idx: Tensor, dim: int, scale: float)
         out = out.narrow(dim, 0, k)
     _check_rows(out, base, dim, k)
     base, out = _common(base, out)
-    result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale)  # type: ignore[no-untyped-call]
+    fmt = _result_format(out, branch_layout)
+    result: Tensor = _ScatterAdd.apply(base, out, idx, dim, scale, fmt)  # type: ignore[no-untyped-call]
     return result
 
 

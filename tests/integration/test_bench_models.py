@@ -20,7 +20,7 @@ def test_model_bench_runs_every_variant(model):
     report = run_bench(cfg, progress=False)
     assert [r["name"] for r in report["results"]] == ["original", "accelerate", "accelerate p=0"]
     assert all(r["step_ms"] > 0 for r in report["results"])
-    assert 0.5 < report["kept_fraction"] < 1.0  # the library's linspace rates up to 0.5
+    assert 0.5 <= report["kept_fraction"] < 1.0  # the library's rates, up to 0.5
     table = format_table(report)
     assert f"model={model}" in table and "vs original" in table
 
