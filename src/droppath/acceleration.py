@@ -8,7 +8,7 @@ import inspect
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     """The training forward of an accelerated block, run on the host under torch.compile: the
     rates are read here, so no graph guards on them (see ``droppath.residual._host_side``)."""
     adapter = block._droppath_adapter
-    original = type(block).__bases__[1].forward
+    original = _base(block).forward
     if all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in adapter.sites):
         return original(block, *args, **kwargs)
     return adapter.forward(block, original, *args, **kwargs)
@@ -140,9 +140,11 @@ def _rebuild(cls: type) -> Any:
     return object.__new__(_accelerated_class(cls, ADAPTERS[_key(cls)]))
 
 
-def _base(block: nn.Module) -> type:
+def _base(block: nn.Module) -> type[nn.Module]:
+    """The block's own class (under the class that ``accelerate`` mixed in, if any)."""
     cls = type(block)
-    return cls.__bases__[1] if issubclass(cls, _AcceleratedBlock) else cls
+    base: type[nn.Module] = cls.__bases__[1] if issubclass(cls, _AcceleratedBlock) else cls
+    return base
 
 
 def _mixes_samples(block: nn.Module) -> bool:
@@ -289,4 +291,4 @@ def accelerated_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The blocks of ``model`` that :func:`accelerate` rewrote, with their qualified names."""
     for name, m in model.named_modules():
         if isinstance(m, _AcceleratedBlock):
-            yield name, m
+            yield name, cast(nn.Module, m)

@@ -253,7 +253,7 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
         model: nn.Module = CifarResNet(
             2 * (cfg.depth or 3) + 2,
             widths=(width, 2 * width, 4 * width),
-            mode=cfg.mode,
+            mode=cfg.mode or "row",
         )
         blocks = [m for m in model.modules() if isinstance(m, Residual)]
         for block, rate in zip(blocks, rates, strict=True):
@@ -264,10 +264,12 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
         return _build_llama(cfg)
     if cfg.kind == "vit":  # a small ViT on 32x32 images: patch 4, 64 tokens + class token
         heads = max(1, width // 64)
-        vit = SmallViT(dim=width, depth=cfg.depth or 1, heads=heads, p=cfg.p, rule=cfg.rule)
+        vit = SmallViT(
+            dim=width, depth=cfg.depth or 1, heads=heads, p=cfg.p, rule=cfg.rule or "uniform"
+        )
         for site in vit.modules():
             if isinstance(site, Residual):
-                site.mode = cfg.mode
+                site.mode = cfg.mode or "row"
         return vit, torch.randn(cfg.batch or 1, 3, 32, 32)
     heads = max(1, width // 64)
     make: Callable[[], nn.Module]
@@ -275,7 +277,7 @@ def _build(cfg: BenchConfig) -> tuple[nn.Module, Tensor]:
         make = lambda: mlp_branch(width, 4 * width)  # noqa: E731
     else:
         make = lambda: AttentionBranch(width, heads)  # noqa: E731
-    model = nn.Sequential(*[Residual(make(), rate, mode=cfg.mode) for rate in rates])
+    model = nn.Sequential(*[Residual(make(), rate, mode=cfg.mode or "row") for rate in rates])
     return model, torch.randn(cfg.batch or 1, cfg.tokens or 1, width)
 
 

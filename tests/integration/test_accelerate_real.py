@@ -405,6 +405,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     import socket
     import time
 
+    require("timm")  # here, not in the workers, where a skip would be a failure
     mp = require("torch.multiprocessing")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

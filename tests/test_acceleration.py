@@ -1,0 +1,228 @@
+"""``accelerate``'s mechanism on stand-in blocks: the adapter registry, the class swap, the report,
+empty slots, depth positions by block. The real timm, torchvision and transformers blocks are
+tested in tests/integration/test_accelerate_real.py."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import binom_pvalue
+from droppath import DropPath, Residual, accelerate, drop_path_sites, set_drop_rates
+from droppath._adapters import ADAPTERS, _adapter, _residual
+from droppath.acceleration import _fingerprint, _key
+from droppath.rates import depth_rates
+from droppath.schedules import empty_slots, site_positions
+
+
+class Block(nn.Module):
+    """A timm-style pre-norm block with two residuals and empty slots at rate 0."""
+
+    def __init__(self, dim: int = 8, p: float = 0.0, norm: type = nn.LayerNorm):
+        super().__init__()
+        self.norm1, self.fc1 = norm(dim), nn.Linear(dim, dim)
+        self.norm2, self.fc2 = norm(dim), nn.Linear(dim, dim)
+        self.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        self.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.fc1(self.norm1(x)))
+        x = x + self.drop_path2(self.fc2(self.norm2(x)))
+        return x
+
+
+def _block_adapter(self, original, x):
+    x = _residual(self, "drop_path1", x, lambda h: self.fc1(self.norm1(h)))
+    return _residual(self, "drop_path2", x, lambda h: self.fc2(self.norm2(h)))
+
+
+class BNBlock(Block):
+    def __init__(self, dim: int = 8, p: float = 0.0):
+        super().__init__(dim, p, norm=nn.BatchNorm1d)
+
+
+class Unknown(Block):
+    pass
+
+
+@pytest.fixture
+def known(monkeypatch):
+    """Register the stand-in blocks as droppath knows timm's."""
+    for cls in (Block, BNBlock):
+        adapter = _adapter(
+            _block_adapter, ("drop_path1", "drop_path2"), (_fingerprint(Block.forward),), "test"
+        )
+        monkeypatch.setitem(ADAPTERS, _key(cls), adapter)
+
+
+def _model(p=(0.0, 0.1, 0.2, 0.3), block=Block):
+    return nn.Sequential(*[block(p=rate) for rate in p])
+
+
+def test_report_names_weights_and_eval(known):
+    torch.manual_seed(0)
+    original = _model()
+    model = copy.deepcopy(original)
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    report = accelerate(model, 0.3)
+    assert [r.name for r in report] == [f"{i}.drop_path{j}" for i in range(4) for j in (1, 2)]
+    assert report.counts() == {"row subset": 8, "batch skip": 0, "mask": 0}
+    assert [r.rate for r in report][::2] == pytest.approx(depth_rates(4, 0.3, "linspace"))
+    assert "8 sites: 8 row subset, 0 batch skip, 0 mask" in str(report)
+    assert repr(report) == "AccelerationReport(8 sites: row subset=8, batch skip=0, mask=0)"
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert type(model[0]).__name__ == "Block" and isinstance(model[0], Block)
+    x = torch.randn(16, 8)
+    assert torch.equal(model.eval()(x), original.eval()(x))
+    model.train()
+    original.train()
+    set_drop_rates(model, 0.0)
+    set_drop_rates(original, 0.0)
+    assert torch.equal(model(x), original(x))
+
+
+def test_branches_see_the_kept_rows_at_rate_one_minus_p(known, monkeypatch):
+    import droppath.residual as residual_module
+
+    log = []
+    draw = residual_module._draw_rows
+
+    def recording(n, keep, device, generator, bucket):
+        idx, run = draw(n, keep, device, generator, bucket)
+        log.append(len(idx))
+        return idx, run
+
+    monkeypatch.setattr(residual_module, "_draw_rows", recording)
+    model = _model((0.4,) * 3)
+    accelerate(model)
+    seen = []
+    model[2].fc2.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        for _ in range(200):
+            model(x)
+    assert len(log) == 200 * 6
+    assert binom_pvalue(sum(log), 200 * 6 * 32, 0.6) > 1e-4
+    # the last branch ran on its kept rows only (a lone kept row beside one dropped row)
+    assert seen == [max(2, k) for k in log[5::6] if k > 0]
+
+
+def test_fingerprint_mismatch_unknown_blocks_and_batchnorm_stay_on_the_mask(known, monkeypatch):
+    model = nn.Sequential(Block(p=0.1), Unknown(p=0.1), BNBlock(p=0.1))
+    report = accelerate(model)
+    runs = {r.name: (r.runs, r.reason) for r in report}
+    assert runs["0.drop_path1"] == ("row subset", "")
+    assert runs["1.drop_path1"][0] == "mask"
+    assert runs["1.drop_path1"][1] == f"no adapter for {_key(Unknown)}"
+    assert runs["2.drop_path1"][0] == "mask" and "BatchNorm" in runs["2.drop_path1"][1]
+    assert type(model[2]) is BNBlock  # left as it was
+    report = accelerate(model, batchnorm="subset")
+    assert [r.runs for r in report if r.name.startswith("2.")] == ["row subset"] * 2
+    assert type(model[2]) is not BNBlock and isinstance(model[2], BNBlock)
+    report = accelerate(model)  # and back
+    assert type(model[2]) is BNBlock
+    # another version of the library: the block's forward differs from the adapter's
+    stale = _adapter(_block_adapter, ("drop_path1", "drop_path2"), ("0" * 16,), "lib 0.1")
+    monkeypatch.setitem(ADAPTERS, _key(Block), stale)
+    report = accelerate(model)
+    assert report[0].runs == "mask"
+    assert report[0].reason == "Block.forward differs from lib 0.1's"
+    model.train()
+    model(torch.randn(4, 8)).sum().backward()  # still works, on the mask
+
+
+def test_pickle_deepcopy_and_reaccelerate(known):
+    model = _model()
+    accelerate(model, 0.2)
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone[1]) is type(model[1])
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 8)
+    assert torch.equal(clone.eval()(x), model.eval()(x))
+    assert torch.equal(twin.eval()(x), model.eval()(x))
+    again = accelerate(model, 0.4)  # changes the rates, keeps one class level
+    assert type(model[1]).__bases__[1] is Block
+    assert again[-1].rate == pytest.approx(0.4)
+
+
+def test_residual_sites_are_reported_and_bad_input_named():
+    model = nn.Sequential(Residual(nn.Linear(4, 4), 0.1), Residual(nn.Linear(4, 4), 0.1))
+    report = accelerate(model)
+    assert [(r.runs, r.reason) for r in report] == [("row subset", "droppath Residual")] * 2
+    with pytest.raises(TypeError, match="TorchScript"):
+        accelerate(torch.jit.script(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        accelerate("model")
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got -0.1"):
+        accelerate(model, -0.1)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        accelerate(model, 0.1, "cubic")
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        accelerate(model, batchnorm="none")
+
+
+# --- depth positions: blocks, with the empty slots -------------------------------------------
+
+
+def test_positions_count_blocks_and_empty_slots():
+    model = _model((0.0, 0.1, 0.2, 0.3))  # block 0: two empty slots (nn.Identity)
+    assert [n for n, _, _ in empty_slots(model)] == ["0.drop_path1", "0.drop_path2"]
+    names = [n for n, _ in drop_path_sites(model)]
+    positions, n = site_positions(model, names)
+    assert n == 4 and positions == [1, 1, 2, 2, 3, 3]
+    got = dict(set_drop_rates(model, 0.3, "linspace"))
+    assert got["1.drop_path1"] == got["1.drop_path2"] == pytest.approx(0.1)
+    assert isinstance(model[0].drop_path1, nn.Identity)  # rate 0: the slot stays empty
+    got = dict(set_drop_rates(model, 0.3, "uniform"))  # a rate for block 0: the slot is filled
+    assert isinstance(model[0].drop_path1, DropPath) and got["0.drop_path1"] == 0.3
+
+
+def test_none_slots_are_found_and_filled():
+    class ResNetStyle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop_path = None
+
+        def forward(self, x):
+            y = self.fc(x)
+            if self.drop_path is not None:
+                y = self.drop_path(y)
+            return x + y
+
+    model = nn.Sequential(ResNetStyle(), ResNetStyle())
+    assert len(empty_slots(model)) == 2
+    keys = list(model.state_dict())
+    assert set_drop_rates(model, 0.5, "linear") == [("0.drop_path", 0.25), ("1.drop_path", 0.5)]
+    assert list(model.state_dict()) == keys
+    model(torch.randn(3, 4))
+
+
+def test_a_block_is_the_element_of_a_stack_of_its_class():
+    class SubBlock(nn.Module):  # MaxViT-style: a layer of mixed sub-blocks, each with a site
+        def __init__(self):
+            super().__init__()
+            self.stochastic_depth = DropPath(0.1)
+
+    class Other(SubBlock):
+        pass
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(SubBlock(), Other(), Other())
+
+    model = nn.Sequential(Layer(), Layer(), Layer())
+    names = [n for n, _ in drop_path_sites(model)]
+    positions, n = site_positions(model, names)
+    assert n == 3 and positions == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_efficientnet_rule():
+    assert depth_rates(4, 0.2, "efficientnet") == pytest.approx([0.0, 0.05, 0.1, 0.15])
