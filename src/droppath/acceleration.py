@@ -15,6 +15,7 @@ from torch import nn
 
 from droppath._adapters import ADAPTERS, Adapter
 from droppath._checks import check_choice, check_probability
+from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
 from droppath.rates import DEPTH_RULES
 from droppath.residual import Residual, _host_side
@@ -161,6 +162,8 @@ def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Adapter |
         return None, f"{cls.__qualname__}.forward differs from {adapter.written_for}'s"
     if not set(sites) <= set(adapter.sites):
         return None, f"{cls.__qualname__} holds a site its adapter does not know"
+    if not all(isinstance(getattr(block, s, None), DropPath) for s in adapter.sites):
+        return None, f"{cls.__qualname__} holds a module droppath cannot read at a site"
     batch_only = all(getattr(block, s).mode == "batch" for s in adapter.sites)
     if batchnorm == "mask" and _mixes_samples(block) and not batch_only:
         return None, "branch mixes samples (BatchNorm); batchnorm='subset' to run kept rows"
