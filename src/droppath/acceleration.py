@@ -15,6 +15,7 @@ from torch import nn
 
 from droppath._adapters import ADAPTERS, Adapter
 from droppath._checks import check_choice, check_probability
+from droppath._fx import is_proxy
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
 from droppath.rates import DEPTH_RULES
@@ -100,7 +101,9 @@ class _AcceleratedBlock:
     training: bool
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.training:
+        if not self.training or any(map(is_proxy, (*args, *kwargs.values()))):
+            # evaluation, and torch.fx tracing: the block's own forward, whose drop-path
+            # modules become nodes of their own (the mask; see droppath._fx)
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         return _train_forward(self, args, kwargs)
 

@@ -27,6 +27,7 @@ from droppath import (
     prune,
     set_drop_rates,
 )
+from droppath._adapters import ADAPTERS
 from droppath.schedules import fill_slots
 
 
@@ -474,3 +475,38 @@ def test_batch_mode_sites_skip_the_whole_branch():
         model(x).sum().backward()
     assert set(calls) <= {2}  # a kept step runs the whole batch
     assert binom_pvalue(len(calls), steps * len(blocks), 0.5) > 1e-4
+
+
+def test_torchvision_feature_extraction_traces_an_accelerated_model():
+    fe = require("torchvision.models.feature_extraction")
+    torch.manual_seed(0)
+    model = build("torchvision:convnext_tiny", 0.0)
+    accelerate(model, 0.3)
+    train_nodes, eval_nodes = fe.get_graph_node_names(model)
+    site = "features.1.0.stochastic_depth"
+    assert site in train_nodes and site in eval_nodes  # the sites are nodes in both modes
+    extractor = fe.create_feature_extractor(model, return_nodes={"features.3": "mid"})
+    x = example("torchvision:convnext_tiny")
+    extractor.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = model.features[:4](x)
+        assert torch.equal(extractor(x)["mid"], expected)
+    extractor.train()
+    extractor(x)["mid"].sum().backward()  # the traced graph trains, on the mask
+
+
+@pytest.mark.parametrize("key", sorted(ADAPTERS))
+def test_every_adapter_matches_the_installed_library(key):
+    """Each adapter's fingerprint is that of the installed class's forward. When a library
+    changes the forward, this names the class to review: compare its forward with the adapter,
+    then add the fingerprint printed here."""
+    import importlib
+
+    from droppath.acceleration import _fingerprint
+
+    module, _, name = key.rpartition(".")
+    require(module.split(".")[0])
+    cls = getattr(importlib.import_module(module), name)
+    got = _fingerprint(cls.forward)
+    assert got in ADAPTERS[key].fingerprints, f"{key}.forward changed: fingerprint {got}"
