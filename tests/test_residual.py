@@ -4,18 +4,15 @@ import copy
 import logging
 import os
 import pickle
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import binom_pvalue
+from conftest import binom_pvalue, run_two_processes
 from droppath import DropPath, DropRateScheduler, Residual, drop_add_residual, drop_path
 
 STRATEGIES = ["auto", "subset", "mask"]
@@ -521,12 +518,6 @@ class TestModule:
 # Distributed: 2 CPU processes, gloo
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, mode, strategy, wrap, result_dir):
     import torch.distributed as dist
 
@@ -574,20 +565,7 @@ def _ddp_worker(rank, world, port, mode, strategy, wrap, result_dir):
 
 
 def _run_distributed(tmp_path, mode, strategy, wrap):
-    port = _free_port()
-    context = mp.start_processes(
-        _ddp_worker,
-        args=(2, port, mode, strategy, wrap, str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for proc in context.processes:
-                proc.kill()
-            pytest.fail(f"the 2-process {wrap} run did not finish in 240 s")
+    run_two_processes(_ddp_worker, (mode, strategy, wrap, str(tmp_path)))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     if mode == "batch":

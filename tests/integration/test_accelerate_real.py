@@ -18,7 +18,7 @@ from real_models import BATCHNORM, MODELS, RULES, build, example, output
 from torch import nn
 
 import droppath.residual as residual_module
-from conftest import binom_pvalue, require
+from conftest import binom_pvalue, require, run_two_processes
 from droppath import (
     DropRateScheduler,
     accelerate,
@@ -403,23 +403,8 @@ def _ddp_worker(rank, world, port, result_dir):
 
 
 def test_ddp_two_gloo_processes(tmp_path):
-    import socket
-    import time
-
     require("timm")  # here, not in the workers, where a skip would be a failure
-    mp = require("torch.multiprocessing")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(
-        _ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in context.processes:
-                proc.kill()
-            pytest.fail("the 2-process DDP run did not finish in 240 s")
+    run_two_processes(_ddp_worker, (str(tmp_path),))
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert s0.keys() == s1.keys()

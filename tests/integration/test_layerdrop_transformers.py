@@ -1,14 +1,11 @@
 """Layer drop on real Hugging Face causal LMs (tiny configs, random weights, no downloads)."""
 
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import binom_pvalue, require
+from conftest import binom_pvalue, require, run_two_processes
 from droppath import DropRateScheduler, layer_drop, prune, set_drop_rates
 
 
@@ -247,12 +244,6 @@ def test_bad_model():
         layer_drop(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.1)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, mode, result_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -283,19 +274,7 @@ def _ddp_worker(rank, world, port, mode, result_dir):
 @pytest.mark.parametrize("mode", ["row", "batch"])
 def test_ddp_two_processes(tmp_path, mode):
     require("transformers")  # here, not only in the workers: a skip there is a failure here
-    context = mp.start_processes(
-        _ddp_worker,
-        args=(2, _free_port(), mode, str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in context.processes:
-                proc.kill()
-            pytest.fail("the 2-process DDP run did not finish in 240 s")
+    run_two_processes(_ddp_worker, (mode, str(tmp_path)))
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
