@@ -257,6 +257,33 @@ def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
     return self.act3(out)
 
 
+def _timm_basic_block(self: Any, original: Any, x: Tensor) -> Tensor:
+    def branch(h: Tensor) -> Tensor:
+        h = self.conv1(h)
+        h = self.bn1(h)
+        h = self.drop_block(h)
+        h = self.act1(h)
+        h = self.aa(h)
+        h = self.conv2(h)
+        h = self.bn2(h)
+        if self.se is not None:
+            h = self.se(h)
+        return h
+
+    out = _residual(self, "drop_path", x, branch, shortcut=self.downsample, branch_first=True)
+    if out.data_ptr() == x.data_ptr():  # every sample dropped: act2 may work in place
+        out = out.clone()
+    return self.act2(out)
+
+
+def _timm_swin_v2_block(self: Any, original: Any, x: Tensor) -> Tensor:
+    B, H, W, C = x.shape
+    x = _residual(self, "drop_path1", x, lambda h: self.norm1(self._attn(h)))
+    x = x.reshape(B, -1, C)
+    x = _residual(self, "drop_path2", x, lambda h: self.norm2(self.mlp(h)))
+    return x.reshape(B, H, W, C)
+
+
 # --- torchvision 0.29.1 -----------------------------------------------------------------------
 
 
@@ -273,6 +300,11 @@ def _tv_cnblock(self: Any, original: Any, input: Tensor) -> Tensor:
 def _tv_swin_block(self: Any, original: Any, x: Tensor) -> Tensor:
     x = _residual(self, "stochastic_depth", x, lambda h: self.attn(self.norm1(h)))
     return _residual(self, "stochastic_depth", x, lambda h: self.mlp(self.norm2(h)))
+
+
+def _tv_swin_v2_block(self: Any, original: Any, x: Tensor) -> Tensor:
+    x = _residual(self, "stochastic_depth", x, lambda h: self.norm1(self.attn(h)))
+    return _residual(self, "stochastic_depth", x, lambda h: self.norm2(self.mlp(h)))
 
 
 def _tv_mbconv(self: Any, original: Any, input: Tensor) -> Tensor:
@@ -475,6 +507,15 @@ ADAPTERS: dict[str, Adapter] = {
     ),
     "timm.models.resnet.Bottleneck": _adapter(
         _timm_bottleneck, ("drop_path",), ("9eacf56781af34f0",), _TIMM
+    ),
+    "timm.models.resnet.BasicBlock": _adapter(
+        _timm_basic_block, ("drop_path",), ("5628e27389ca6509",), _TIMM
+    ),
+    "timm.models.swin_transformer_v2.SwinTransformerV2Block": _adapter(
+        _timm_swin_v2_block, ("drop_path1", "drop_path2"), ("595ee2104b691b89",), _TIMM
+    ),
+    "torchvision.models.swin_transformer.SwinTransformerBlockV2": _adapter(
+        _tv_swin_v2_block, ("stochastic_depth",), ("c36140788ec3e017",), _TV
     ),
     "torchvision.models.convnext.CNBlock": _adapter(
         _tv_cnblock, ("stochastic_depth",), ("8b77484002aa7235",), _TV

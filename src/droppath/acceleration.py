@@ -201,8 +201,8 @@ def accelerate(
        ``drop_path_rate=0`` can be given stochastic depth. With ``p``, the rates are set by
        ``rule`` across blocks (:func:`set_drop_rates`); ``"linspace"`` is what the libraries
        compute.
-    2. Each block whose class droppath knows (ViT, DeiT, BEiT, EVA, ConvNeXt, Swin, EfficientNet,
-       ResNet bottleneck and MaxViT blocks of timm, torchvision and Hugging Face) runs, in
+    2. Each block whose class droppath knows (ViT, DeiT, BEiT, EVA, ConvNeXt, Swin, Swin V2,
+       EfficientNet, ResNet and MaxViT blocks of timm, torchvision and Hugging Face) runs, in
        training, each residual ``a + drop_path(g(a))`` as :func:`drop_add_residual` does: ``g``
        runs on the kept samples only (row mode) or not at all when a step is dropped (batch
        mode), with the site's own rate, mode and scaling, decisions drawn on the host and zero

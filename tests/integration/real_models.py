@@ -22,10 +22,13 @@ TIMM = {
     "swin_tiny_patch4_window7_224": (dict(img_size=64, window_size=2), (4, 3, 64, 64)),
     "efficientnet_b0": ({}, (4, 3, 32, 32)),
     "resnet50": ({}, (4, 3, 32, 32)),
+    "resnet18": ({}, (4, 3, 32, 32)),
+    "swinv2_tiny_window8_256": (dict(img_size=64, window_size=2), (4, 3, 64, 64)),
 }
 TORCHVISION = {
     "convnext_tiny": (4, 3, 32, 32),
     "swin_t": (4, 3, 32, 32),
+    "swin_v2_t": (4, 3, 32, 32),
     "efficientnet_b0": (4, 3, 32, 32),
     "maxvit_t": (2, 3, 224, 224),
 }
@@ -46,6 +49,7 @@ RULES = {
 BATCHNORM = {
     "timm:efficientnet_b0",
     "timm:resnet50",
+    "timm:resnet18",
     "torchvision:efficientnet_b0",
     "torchvision:maxvit_t",
 }
@@ -106,6 +110,19 @@ def build(name: str, p: float, **extra: Any) -> torch.nn.Module:
                 num_heads=[3, 6, 12, 24],
                 window_size=[7, 7],
                 stochastic_depth_prob=p,
+                **extra,
+            )
+        if model == "swin_v2_t":
+            swin = require("torchvision.models.swin_transformer")
+            return models.SwinTransformer(
+                patch_size=[4, 4],
+                embed_dim=96,
+                depths=[2, 2, 6, 2],
+                num_heads=[3, 6, 12, 24],
+                window_size=[8, 8],
+                stochastic_depth_prob=p,
+                block=swin.SwinTransformerBlockV2,
+                downsample_layer=swin.PatchMergingV2,
                 **extra,
             )
         if model == "maxvit_t":
