@@ -6,9 +6,9 @@ import ast
 import hashlib
 import inspect
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -291,10 +291,3 @@ def accelerate(
 
 def _is_mask(site: nn.Module) -> bool:
     return getattr(site, "strategy", "auto") == "mask"
-
-
-def accelerated_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The blocks of ``model`` that :func:`accelerate` rewrote, with their qualified names."""
-    for name, m in model.named_modules():
-        if isinstance(m, _AcceleratedBlock):
-            yield name, cast(nn.Module, m)
