@@ -112,6 +112,13 @@ def _per_sample(x: Tensor, *side: Any) -> bool:
     return any(isinstance(t, Tensor) and t.dim() >= 3 and t.shape[0] == n for t in side)
 
 
+def _not_the_input(out: Tensor, x: Tensor) -> Tensor:
+    """``out``, copied when it is the block's input itself (every sample dropped, no
+    projection): a ReLU that works in place after the sum must not overwrite the input, which
+    the previous layer's backward needs."""
+    return out.clone() if out.data_ptr() == x.data_ptr() else out
+
+
 def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
     return x if gamma is None else gamma * x
 
@@ -252,9 +259,7 @@ def _timm_bottleneck(self: Any, original: Any, x: Tensor) -> Tensor:
         return h
 
     out = _residual(self, "drop_path", x, branch, shortcut=self.downsample, branch_first=True)
-    if out.data_ptr() == x.data_ptr():  # every sample dropped: act3 may work in place
-        out = out.clone()
-    return self.act3(out)
+    return self.act3(_not_the_input(out, x))
 
 
 def _timm_basic_block(self: Any, original: Any, x: Tensor) -> Tensor:
@@ -271,9 +276,7 @@ def _timm_basic_block(self: Any, original: Any, x: Tensor) -> Tensor:
         return h
 
     out = _residual(self, "drop_path", x, branch, shortcut=self.downsample, branch_first=True)
-    if out.data_ptr() == x.data_ptr():  # every sample dropped: act2 may work in place
-        out = out.clone()
-    return self.act2(out)
+    return self.act2(_not_the_input(out, x))
 
 
 def _timm_swin_v2_block(self: Any, original: Any, x: Tensor) -> Tensor:

@@ -495,3 +495,14 @@ def test_every_adapter_matches_the_installed_library(key):
     cls = getattr(importlib.import_module(module), name)
     got = _fingerprint(cls.forward)
     assert got in ADAPTERS[key].fingerprints, f"{key}.forward changed: fingerprint {got}"
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "timm:resnet50"])
+def test_resnet_blocks_train_when_every_sample_is_dropped(name):
+    # the sum is then the block's input itself; timm's in-place ReLU after it must not
+    # overwrite that input, which the previous block's backward needs
+    model = build(name, 0.0)
+    accelerate(model, 1.0, "uniform", batchnorm="subset")
+    model.train()
+    model(example(name)).sum().backward()
+    assert model.conv1.weight.grad is not None
