@@ -110,6 +110,11 @@ class BenchConfig:
     image: int | None = None
 
     def __post_init__(self) -> None:
+        self.p = check_probability(self.p)
+        self.reps = check_positive_int(self.reps, "reps")
+        self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
+        if self.threads is not None:
+            self.threads = check_positive_int(self.threads, "threads")
         if self.model is not None:
             self._check_model()
             return
@@ -120,7 +125,6 @@ class BenchConfig:
         check_choice(self.kind, "kind", KINDS)
         check_choice(self.rule, "rule", DEPTH_RULES)
         check_choice(self.mode, "mode", MODES)
-        self.p = check_probability(self.p)
         if self.depth is None:
             self.depth = {"conv": 54, "vit": 6, "llama": 8}.get(self.kind, 12)
         if self.width is None:
@@ -132,11 +136,7 @@ class BenchConfig:
         llama = self.kind == "llama"
         self.batch = check_positive_int(self.batch or (16 if llama else 64), "batch")
         self.tokens = check_positive_int(self.tokens or (128 if llama else 32), "tokens")
-        self.reps = check_positive_int(self.reps, "reps")
-        self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
         self.bucket = check_bucket(self.bucket)
-        if self.threads is not None:
-            self.threads = check_positive_int(self.threads, "threads")
         heads = max(1, self.width // 64)
         if self.kind in ("attn", "vit", "llama") and self.width % heads:
             raise ValueError(
@@ -173,13 +173,8 @@ class BenchConfig:
                 f"and rates), got with model={self.model!r}"
             )
         self.kind = "model"
-        self.p = check_probability(self.p)
         self.batch = check_positive_int(self.batch or 32, "batch")
         self.image = check_positive_int(self.image or 96, "image")
-        self.reps = check_positive_int(self.reps, "reps")
-        self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
-        if self.threads is not None:
-            self.threads = check_positive_int(self.threads, "threads")
 
 
 @dataclass
