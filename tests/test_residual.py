@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import binom_pvalue, run_two_processes
 from droppath import DropPath, DropRateScheduler, Residual, drop_add_residual, drop_path
+from droppath.residual import _rows
 
 STRATEGIES = ["auto", "subset", "mask"]
 
@@ -138,10 +139,30 @@ class TestStructure:
         branch.register_forward_pre_hook(
             lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last))
         )
-        x = torch.randn(16, 3, 6, 6).to(memory_format=torch.channels_last)
+        grads = []
+        branch.register_full_backward_hook(
+            lambda m, gi, go: grads.append(go[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        x = torch.randn(16, 3, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
         out = drop_add_residual(x, branch, 0.5, strategy=strategy)
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert all(seen)
+        # backward hands the kept rows' gradient to the branch in the same layout
+        out.backward(torch.randn_like(out))
+        assert grads and all(grads)
+        assert x.grad is not None and x.grad.is_contiguous(memory_format=torch.channels_last)
+
+    @pytest.mark.parametrize("dim", [0, 1, 2])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_rows_keep_the_layout(self, dim, channels_last):
+        x = torch.randn(5, 6, 7, 3)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        idx = torch.tensor([4, 0, 2])
+        rows = _rows(x, idx, dim)
+        assert torch.equal(rows, x.contiguous().index_select(dim, idx))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert rows.is_contiguous(memory_format=fmt)
 
     def test_empty_batch(self):
         branch = Recorder()

@@ -136,7 +136,7 @@ class _ScatterAdd(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         grad_rows = None
         if ctx.needs_input_grad[1]:
-            grad_rows = grad.index_select(ctx.dim, idx)
+            grad_rows = _rows(grad, idx, ctx.dim)
             if ctx.alpha != 1.0:
                 grad_rows.mul_(ctx.alpha)  # a fresh tensor: scaled in place
         return grad, grad_rows, None, None, None, None
@@ -154,7 +154,7 @@ class _Split(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, idx: Tensor, dim: int) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(idx)
         ctx.dim, ctx.n = dim, x.shape[dim]
-        return x.view_as(x), x.index_select(dim, idx)
+        return x.view_as(x), _rows(x, idx, dim)
 
     @staticmethod
     def backward(
@@ -215,15 +215,14 @@ def _check_rows(out: Tensor, base: Tensor, dim: int, k: int) -> None:
         )
 
 
-def _like_input(rows: Tensor, x: Tensor) -> Tensor:
-    """Keep channels_last on a gathered subset when the input had it."""
-    if (
-        rows.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return rows.contiguous(memory_format=torch.channels_last)
-    return rows
+def _rows(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """``x.index_select(dim, idx)`` in ``x``'s memory format: a channels_last ``x`` gives
+    channels_last rows (``index_select`` alone would return them contiguous), in one copy."""
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.index_select(dim, idx)
+    if dim == 0:  # gather whole NHWC rows, then view them as NCHW again
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    return x.index_select(dim, idx).contiguous(memory_format=torch.channels_last)
 
 
 def drop_add_residual(
@@ -493,12 +492,12 @@ def _result_format(out: Tensor, branch_layout: bool) -> torch.memory_format:
 @_eager
 def _split(x: Tensor, idx: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     x_all, rows = _Split.apply(x, idx, dim)  # type: ignore[no-untyped-call]
-    return x_all, _like_input(rows, x)
+    return x_all, rows
 
 
 @_eager
 def _gather(x: Tensor, idx: Tensor, dim: int) -> Tensor:
-    return _like_input(x.index_select(dim, idx), x)
+    return _rows(x, idx, dim)
 
 
 @_eager
