@@ -168,14 +168,11 @@ def _timm_eva_block(
 
     def attn(h: Tensor) -> Tensor:
         out = self.attn(self.norm1(h), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        return out if self.gamma_1 is None else self.gamma_1 * out
-
-    def mlp(h: Tensor) -> Tensor:
-        out = self.mlp(self.norm2(h))
-        return out if self.gamma_2 is None else self.gamma_2 * out
+        return _scaled(self.gamma_1, out)
 
     x = _residual(self, "drop_path1", x, attn)
-    return _residual(self, "drop_path2", x, mlp)
+    g2 = self.gamma_2
+    return _residual(self, "drop_path2", x, lambda h: _scaled(g2, self.mlp(self.norm2(h))))
 
 
 def _timm_convnext_block(self: Any, original: Any, x: Tensor) -> Tensor:
@@ -345,9 +342,7 @@ def _hf_convnext_layer(self: Any, original: Any, features: Tensor) -> Tensor:
         h = self.layernorm(h)
         h = self.pwconv1(h)
         h = self.act(h)
-        h = self.pwconv2(h)
-        if self.layer_scale_parameter is not None:
-            h = self.layer_scale_parameter * h
+        h = _scaled(self.layer_scale_parameter, self.pwconv2(h))
         return h.permute(0, 3, 1, 2)
 
     return _residual(self, "drop_path", features, branch)

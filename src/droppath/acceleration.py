@@ -20,7 +20,7 @@ from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
 from droppath.rates import DEPTH_RULES
 from droppath.residual import Residual, _host_side
-from droppath.schedules import convert, drop_path_sites, fill_slots, set_drop_rates
+from droppath.schedules import _rate, convert, drop_path_sites, fill_slots, set_drop_rates
 
 __all__ = ["AccelerationReport", "SiteReport", "accelerate"]
 
@@ -264,9 +264,10 @@ def accelerate(
     rows: dict[str, SiteReport] = {}
     owners: dict[str, list[str]] = {}
     for name, site in drop_path_sites(model):
-        rate = float(getattr(site, "p", 0.0))
-        if isinstance(site, Residual) or is_layer_drop_site(site):
-            kind = "layer drop" if is_layer_drop_site(site) else "Residual"
+        rate = _rate(site)
+        layer = is_layer_drop_site(site)
+        if layer or isinstance(site, Residual):
+            kind = "layer drop" if layer else "Residual"
             runs = BATCH if site.mode == "batch" else (MASK if _is_mask(site) else ROW)
             rows[name] = SiteReport(name, type(site).__name__, rate, runs, f"droppath {kind}")
             continue

@@ -215,10 +215,19 @@ def _check_rows(out: Tensor, base: Tensor, dim: int, k: int) -> None:
         )
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out channels_last and not also contiguous (a 4-D NHWC layout)."""
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _rows(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     """``x.index_select(dim, idx)`` in ``x``'s memory format: a channels_last ``x`` gives
     channels_last rows (``index_select`` alone would return them contiguous), in one copy."""
-    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+    if not _is_channels_last(x):
         return x.index_select(dim, idx)
     if dim == 0:  # gather whole NHWC rows, then view them as NCHW again
         return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
@@ -479,12 +488,7 @@ def _result_format(out: Tensor, branch_layout: bool) -> torch.memory_format:
     when it is channels_last (as ``branch + base`` gives, e.g. after a permute), so that a
     rewritten block returns what its original returned and the next block runs the same
     kernels."""
-    if (
-        branch_layout
-        and out.dim() == 4
-        and not out.is_contiguous()
-        and out.is_contiguous(memory_format=torch.channels_last)
-    ):
+    if branch_layout and _is_channels_last(out):
         return torch.channels_last
     return torch.preserve_format
 
@@ -493,11 +497,6 @@ def _result_format(out: Tensor, branch_layout: bool) -> torch.memory_format:
 def _split(x: Tensor, idx: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     x_all, rows = _Split.apply(x, idx, dim)  # type: ignore[no-untyped-call]
     return x_all, rows
-
-
-@_eager
-def _gather(x: Tensor, idx: Tensor, dim: int) -> Tensor:
-    return _rows(x, idx, dim)
 
 
 @_eager

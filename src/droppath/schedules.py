@@ -148,6 +148,11 @@ def _resolve_rates(
     return [rates[i] for i in positions]
 
 
+def _rate(site: nn.Module) -> float:
+    """The drop rate a site holds now (0 for a timm ``DropPath`` built with ``drop_prob=None``)."""
+    return float(getattr(site, _kind(site) or "p", 0.0) or 0.0)
+
+
 def _apply(sites: Sequence[tuple[str, nn.Module]], rates: Sequence[float]) -> None:
     for (_, module), rate in zip(sites, rates, strict=True):
         setattr(module, _kind(module) or "p", rate)
