@@ -1,5 +1,5 @@
-"""``accelerate``'s mechanism on stand-in blocks: the adapter registry, the class swap, the report,
-empty slots, depth positions by block. The real timm, torchvision and transformers blocks are
+"""``accelerate``'s mechanism on stand-in blocks: the class swap, the report, empty slots, depth
+positions by block. The forms of blocks it rewrites are tested in tests/test_derive.py. The real timm, torchvision and transformers blocks are
 tested in tests/integration/test_accelerate_real.py."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from torch import nn
 
 from conftest import binom_pvalue
 from droppath import DropPath, Residual, accelerate, drop_path_sites, set_drop_rates
-from droppath._adapters import ADAPTERS, _adapter, _residual
-from droppath.acceleration import _fingerprint, _key
+from droppath.acceleration import _key
 from droppath.rates import depth_rates
 from droppath.schedules import empty_slots, site_positions
 
@@ -35,28 +34,25 @@ class Block(nn.Module):
         return x
 
 
-def _block_adapter(self, original, x):
-    x = _residual(self, "drop_path1", x, lambda h: self.fc1(self.norm1(h)))
-    return _residual(self, "drop_path2", x, lambda h: self.fc2(self.norm2(h)))
-
-
 class BNBlock(Block):
     def __init__(self, dim: int = 8, p: float = 0.0):
         super().__init__(dim, p, norm=nn.BatchNorm1d)
 
 
 class Unknown(Block):
-    pass
+    """Its sites are called from another method than ``forward``: not rewritten."""
+
+    def forward(self, x):
+        return self._both(x)
+
+    def _both(self, x):
+        x = x + self.drop_path1(self.fc1(self.norm1(x)))
+        return x + self.drop_path2(self.fc2(self.norm2(x)))
 
 
 @pytest.fixture
-def known(monkeypatch):
-    """Register the stand-in blocks as droppath knows timm's."""
-    for cls in (Block, BNBlock):
-        adapter = _adapter(
-            _block_adapter, ("drop_path1", "drop_path2"), (_fingerprint(Block.forward),), "test"
-        )
-        monkeypatch.setitem(ADAPTERS, _key(cls), adapter)
+def known():
+    """Blocks droppath rewrites: any class whose forward calls its sites (no registry)."""
 
 
 def _model(p=(0.0, 0.1, 0.2, 0.3), block=Block):
@@ -101,6 +97,8 @@ def test_branches_see_the_kept_rows_at_rate_one_minus_p(known, monkeypatch):
     monkeypatch.setattr(residual_module, "_draw_rows", recording)
     model = _model((0.4,) * 3)
     accelerate(model)
+    model(torch.randn(4, 8))  # the first training call verifies each block's derived forward
+    log.clear()
     seen = []
     model[2].fc2.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     x = torch.randn(32, 8)
@@ -113,13 +111,13 @@ def test_branches_see_the_kept_rows_at_rate_one_minus_p(known, monkeypatch):
     assert seen == [max(2, k) for k in log[5::6] if k > 0]
 
 
-def test_fingerprint_mismatch_unknown_blocks_and_batchnorm_stay_on_the_mask(known, monkeypatch):
+def test_blocks_it_cannot_rewrite_and_batchnorm_stay_on_the_mask(known):
     model = nn.Sequential(Block(p=0.1), Unknown(p=0.1), BNBlock(p=0.1))
     report = accelerate(model)
     runs = {r.name: (r.runs, r.reason) for r in report}
     assert runs["0.drop_path1"] == ("row subset", "")
     assert runs["1.drop_path1"][0] == "mask"
-    assert runs["1.drop_path1"][1] == f"no adapter for {_key(Unknown)}"
+    assert runs["1.drop_path1"][1] == "rewrite: Unknown.forward calls no site directly"
     assert runs["2.drop_path1"][0] == "mask" and "BatchNorm" in runs["2.drop_path1"][1]
     assert type(model[2]) is BNBlock  # left as it was
     report = accelerate(model, batchnorm="subset")
@@ -127,12 +125,6 @@ def test_fingerprint_mismatch_unknown_blocks_and_batchnorm_stay_on_the_mask(know
     assert type(model[2]) is not BNBlock and isinstance(model[2], BNBlock)
     report = accelerate(model)  # and back
     assert type(model[2]) is BNBlock
-    # another version of the library: the block's forward differs from the adapter's
-    stale = _adapter(_block_adapter, ("drop_path1", "drop_path2"), ("0" * 16,), "lib 0.1")
-    monkeypatch.setitem(ADAPTERS, _key(Block), stale)
-    report = accelerate(model)
-    assert report[0].runs == "mask"
-    assert report[0].reason == "Block.forward differs from lib 0.1's"
     model.train()
     model(torch.randn(4, 8)).sum().backward()  # still works, on the mask
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import inspect
-import textwrap
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from droppath._adapters import ADAPTERS, Adapter
+from droppath._derive import Derived, DeriveError, derive
 from droppath._checks import check_choice, check_probability
 from droppath._fx import is_proxy
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
+from droppath._verify import verify
 from droppath.rates import DEPTH_RULES
 from droppath.residual import Residual, _host_side
 from droppath.schedules import _rate, convert, drop_path_sites, fill_slots, set_drop_rates
@@ -75,29 +73,17 @@ class AccelerationReport(tuple[SiteReport, ...]):
         return f"AccelerationReport({len(self)} sites: {counts})"
 
 
-def _fingerprint(fn: Callable[..., Any]) -> str:
-    """A hash of ``fn``'s code (its syntax tree without docstring, comments or layout)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError):
-        return ""
-    node = ast.parse(source).body[0]
-    body = getattr(node, "body", [])
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        node.body = body[1:]  # type: ignore[attr-defined]
-    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
-
-
 def _key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class _AcceleratedBlock:
     """Mixed into a block's class by :func:`accelerate`: in training, while a site of the block has
-    a rate above 0, the block runs its adapter (the dropped work skipped); otherwise its own
-    ``forward``, untouched."""
+    a rate above 0, the block runs the forward derived from its class's (the dropped work
+    skipped), once that forward has been verified on the block; otherwise its own ``forward``,
+    untouched."""
 
-    _droppath_adapter: Adapter
+    _droppath_derived: Derived
     training: bool
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -110,38 +96,74 @@ class _AcceleratedBlock:
     def __reduce_ex__(self, protocol: Any) -> Any:
         # The class is made at run time under the block class's name, so pickle could not find it:
         # rebuild it from the block class (torch.save of a whole model, deepcopy).
-        return (_rebuild, (type(self).__bases__[1],), self.__dict__)
+        return (_rebuild, (type(self).__bases__[1], self._droppath_derived.sites), self.__dict__)
+
+
+_VERIFIED, _FAILED = "_droppath_verified", "_droppath_failed"
 
 
 @_host_side
 def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The training forward of an accelerated block, run on the host under torch.compile: the
     rates are read here, so no graph guards on them (see ``droppath.residual._host_side``)."""
-    adapter = block._droppath_adapter
+    derived = block._droppath_derived
     original = _base(block).forward
-    if all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in adapter.sites):
+    state = block.__dict__
+    if state.get(_FAILED) or all(
+        float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites
+    ):
         return original(block, *args, **kwargs)
-    return adapter.forward(block, original, *args, **kwargs)
+    if not state.get(_VERIFIED):
+        reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
+        if reason is None:  # these inputs cannot tell (a single sample): check on a later call
+            return original(block, *args, **kwargs)
+        if reason:
+            state[_FAILED] = reason
+            warnings.warn(
+                f"droppath.accelerate: {_key(_base(block))} stays on the mask ("
+                f"{reason.splitlines()[0]})",
+                stacklevel=2,
+            )
+            return original(block, *args, **kwargs)
+        state[_VERIFIED] = True
+    return derived.forward(block, *args, **kwargs)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+_DERIVED: dict[tuple[type, tuple[str, ...]], Derived | DeriveError] = {}
 
 
-def _accelerated_class(cls: type, adapter: Adapter) -> type:
+def _derived(cls: type, sites: tuple[str, ...]) -> Derived:
+    """The derived forward of ``cls`` for ``sites``, made once per class (raises
+    :class:`DeriveError`, also remembered)."""
+    key = (cls, sites)
+    if key not in _DERIVED:
+        try:
+            _DERIVED[key] = derive(cls, sites)
+        except DeriveError as error:
+            _DERIVED[key] = error
+    found = _DERIVED[key]
+    if isinstance(found, DeriveError):
+        raise found
+    return found
+
+
+def _accelerated_class(cls: type, derived: Derived) -> type:
     """``cls`` with :class:`_AcceleratedBlock` mixed in, under ``cls``'s own name and module."""
-    if cls not in _CLASSES:
+    key = (cls, derived.sites)
+    if key not in _CLASSES:
         new = type(
             cls.__name__,
             (_AcceleratedBlock, cls),
-            {"__module__": cls.__module__, "_droppath_adapter": adapter},
+            {"__module__": cls.__module__, "_droppath_derived": derived},
         )
         new.__qualname__ = cls.__qualname__
-        _CLASSES[cls] = new
-    return _CLASSES[cls]
+        _CLASSES[key] = new
+    return _CLASSES[key]
 
 
-def _rebuild(cls: type) -> Any:
-    return object.__new__(_accelerated_class(cls, ADAPTERS[_key(cls)]))
+def _rebuild(cls: type, sites: tuple[str, ...]) -> Any:
+    return object.__new__(_accelerated_class(cls, _derived(cls, sites)))
 
 
 def _base(block: nn.Module) -> type[nn.Module]:
@@ -155,22 +177,22 @@ def _mixes_samples(block: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
 
 
-def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Adapter | None, str]:
-    """The adapter to run ``block`` with, or None and the reason it stays on the mask."""
+def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Derived | None, str]:
+    """The derived forward to run ``block`` with, or None and the reason it stays on the mask."""
     cls = _base(block)
-    adapter = ADAPTERS.get(_key(cls))
-    if adapter is None:
-        return None, f"no adapter for {_key(cls)}"
-    if _fingerprint(cls.forward) not in adapter.fingerprints:
-        return None, f"{cls.__qualname__}.forward differs from {adapter.written_for}'s"
-    if not set(sites) <= set(adapter.sites):
-        return None, f"{cls.__qualname__} holds a site its adapter does not know"
-    if not all(isinstance(getattr(block, s, None), DropPath) for s in adapter.sites):
+    if not all(isinstance(getattr(block, s, None), DropPath) for s in sites):
         return None, f"{cls.__qualname__} holds a module droppath cannot read at a site"
-    batch_only = all(getattr(block, s).mode == "batch" for s in adapter.sites)
+    batch_only = all(getattr(block, s).mode == "batch" for s in sites)
     if batchnorm == "mask" and _mixes_samples(block) and not batch_only:
         return None, "branch mixes samples (BatchNorm); batchnorm='subset' to run kept rows"
-    return adapter, ""
+    try:
+        derived = _derived(cls, tuple(sorted(sites)))
+    except DeriveError as error:
+        return None, str(error)
+    missing = sorted(set(sites) - set(derived.sites))
+    if missing:
+        return None, f"rewrite: {cls.__qualname__}.forward does not call {', '.join(missing)}"
+    return derived, ""
 
 
 def _check(model: Any, p: Any, rule: Any, batchnorm: Any) -> None:
@@ -281,7 +303,11 @@ def accelerate(
         else:
             adapter, reason = _plan(block, attrs, batchnorm)
         cls = _base(block)
-        block.__class__ = cls if adapter is None else _accelerated_class(cls, adapter)
+        new = cls if adapter is None else _accelerated_class(cls, adapter)
+        if type(block) is not new:  # a check made under another class holds no more
+            block.__dict__.pop(_VERIFIED, None)
+            block.__dict__.pop(_FAILED, None)
+        block.__class__ = new
         for attr in attrs:
             name = f"{owner_name}.{attr}" if owner_name else attr
             site = getattr(block, attr)

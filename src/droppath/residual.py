@@ -451,6 +451,9 @@ def _skipping_add(
         return _add(_run(shortcut, x, dim), _run(branch, x, dim), scale, branch_layout)
     # one node hands x to the shortcut path and the rows to run to the branch
     x_all, rows = _split(x, run, dim)
+    at_rows = getattr(branch, "at_rows", None)
+    if at_rows is not None:  # a derived branch, whose per-sample side inputs are gathered too
+        branch = at_rows(run, dim)
     base, out = _run(shortcut, x_all, dim), _run(branch, rows, dim)
     return _scatter_add(base, out, idx, dim, scale, branch_layout)
 

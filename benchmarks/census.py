@@ -1,0 +1,304 @@
+"""Census: how much of timm's and Hugging Face transformers' models ``accelerate`` reaches.
+
+For every timm architecture module, one model (the smallest variant that builds, random weights,
+``drop_path_rate=0.1``); for every transformers vision model type whose config takes
+``drop_path_rate``, one model from its default config made small. Each is accelerated with
+``batchnorm="subset"`` and run for one training step, which verifies every derived block against
+its own forward (see ``droppath.accelerate``). Printed per family: sites, how they run, why not.
+
+    python benchmarks/census.py [--timm] [--hf] [--json out.json] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from droppath import accelerate
+
+_SIZE = ["atto", "femto", "pico", "nano", "tiny", "mini", "xxs", "xs", "small", "t", "s"]
+
+
+@dataclass
+class Family:
+    library: str
+    family: str
+    model: str
+    sites: int = 0
+    runs: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+    seconds: float = 0.0
+
+
+def _rank(name: str) -> tuple[int, int, str]:
+    words = re.split(r"[_.\-]", name)
+    best = min((i for i, k in enumerate(_SIZE) for w in words if w.startswith(k)), default=99)
+    return (-1 if name.startswith("test_") else best), len(name), name
+
+
+def _step(model: nn.Module, x: Any) -> None:
+    model.train()
+    out = model(**x) if isinstance(x, dict) else model(x)
+    while not isinstance(out, torch.Tensor):
+        hidden = getattr(out, "last_hidden_state", None)
+        out = hidden if hidden is not None else out[0]
+    out.float().sum().backward()
+
+
+def _shape(reason: str) -> str:
+    """A reason without its numbers, so that a family's blocks group under one line."""
+    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", reason.splitlines()[0])[:160]
+
+
+def _account(row: Family, model: nn.Module, report: Any) -> None:
+    failed = {}
+    for name, m in model.named_modules():
+        reason = m.__dict__.get("_droppath_failed")
+        if reason:
+            failed[name] = reason
+    runs: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for r in report:
+        owner = r.name.rpartition(".")[0]
+        if r.runs != "mask" and owner in failed:
+            runs["mask"] += 1
+            reasons[f"{r.block}: {_shape(failed[owner])}"] += 1
+        else:
+            runs[r.runs] += 1
+            if r.runs == "mask":
+                reasons[f"{r.block}: {_shape(r.reason)}"] += 1
+    row.sites, row.runs, row.reasons = len(report), dict(runs), dict(reasons)
+
+
+def _build_timm(name: str, small: bool) -> nn.Module:
+    import timm
+
+    if small:
+        try:
+            return timm.create_model(name, pretrained=False, drop_path_rate=0.1, img_size=64)
+        except TypeError:
+            pass
+    return timm.create_model(name, pretrained=False, drop_path_rate=0.1)
+
+
+def _timm_input(model: nn.Module, small: bool) -> torch.Tensor:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    if small:
+        h = w = 64
+    return torch.randn(2, c, h, w)
+
+
+def _smallest(names: list[str], candidates: int = 8) -> list[str]:
+    """The likeliest small variants, by parameter count (counted on the meta device)."""
+    import timm
+
+    sizes = []
+    for name in sorted(names, key=_rank)[:candidates]:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, drop_path_rate=0.1)
+        except Exception:  # noqa: BLE001 - a variant that does not build on meta: last
+            sizes.append((float("inf"), name))
+            continue
+        sizes.append((sum(p.numel() for p in model.parameters()), name))
+    return [name for _, name in sorted(sizes)][:3]
+
+
+def timm_family(module: str) -> Family:
+    import timm
+
+    row = Family("timm", module, "")
+    t0 = time.perf_counter()
+    for name in _smallest(timm.list_models(module=module)):
+        for small in (True, False):
+            try:
+                model = _build_timm(name, small)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    report = accelerate(model, batchnorm="subset")
+                    _step(model, _timm_input(model, small))
+            except Exception as error:  # noqa: BLE001 - a variant or size that does not run
+                row.error = f"{name}: {type(error).__name__}: {str(error)[:120]}"
+                continue
+            row.model, row.error = name, ""
+            _account(row, model, report)
+            row.seconds = time.perf_counter() - t0
+            return row
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def _hf_classes() -> list[tuple[str, Any, Any]]:
+    """``(model type, config class, model class)`` for every transformers model type whose config
+    takes ``drop_path_rate``; the model class is the base model (AutoModel) or, without one, the
+    first model class of its module built on that config."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    found = []
+    for model_type, config_cls in CONFIG_MAPPING.items():
+        try:
+            if "drop_path_rate" not in inspect.signature(config_cls.__init__).parameters:
+                continue
+        except (TypeError, ValueError):
+            continue
+        name = MODEL_MAPPING_NAMES.get(model_type)
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is None:
+            module = sys.modules[config_cls.__module__.replace("configuration_", "modeling_")] \
+                if config_cls.__module__.replace("configuration_", "modeling_") in sys.modules \
+                else None
+            if module is None:
+                import importlib
+
+                try:
+                    module = importlib.import_module(
+                        config_cls.__module__.replace("configuration_", "modeling_")
+                    )
+                except ImportError:
+                    module = None
+            candidates = [
+                c
+                for c in vars(module).values()
+                if isinstance(c, type)
+                and getattr(c, "config_class", None) is config_cls
+                and not c.__name__.endswith("PreTrainedModel")
+            ] if module is not None else []
+            candidates.sort(key=lambda c: (not c.__name__.endswith("Model"), len(c.__name__)))
+            cls = candidates[0] if candidates else None
+        found.append((model_type, config_cls, cls))
+    return found
+
+
+def _hf_config(config_cls: Any, small: bool) -> Any:
+    """The default config with ``drop_path_rate=0.1`` (one per stage where it is a list) and,
+    when ``small``, at most 2 layers per stack."""
+    default = config_cls()
+    rate = getattr(default, "drop_path_rate", 0.0)
+    kwargs: dict[str, Any] = {
+        "drop_path_rate": [0.1] * len(rate) if isinstance(rate, list | tuple) else 0.1
+    }
+    if small:
+        for attr in ("num_hidden_layers", "num_layers"):
+            value = getattr(default, attr, None)
+            if isinstance(value, int) and value > 2:
+                kwargs[attr] = 2
+        for attr in ("depths", "depth"):
+            value = getattr(default, attr, None)
+            if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+                kwargs[attr] = [min(v, 2) for v in value]
+    return config_cls(**kwargs)
+
+
+def _hf_input(model: nn.Module, config: Any, size: int | None) -> dict[str, torch.Tensor]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    c = int(getattr(config, "num_channels", 3) or 3)
+    image = getattr(config, "image_size", 224)
+    h, w = (image, image) if isinstance(image, int) else tuple(image)[-2:]
+    if size is not None:
+        h = w = size
+    frames = int(getattr(config, "num_frames", 0) or getattr(config, "frames_per_clip", 0) or 0)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in params:
+            shape = (2, frames, c, h, w) if frames else (2, c, h, w)
+            return {key: torch.randn(*shape)}
+    if "input_features" in params:
+        bins = int(getattr(config, "num_mel_bins", 64))
+        return {"input_features": torch.randn(2, 1, int(getattr(config, "spec_size", 256)), bins)}
+    raise TypeError(f"no image input among {list(params)[:4]}")
+
+
+def hf_family(model_type: str, config_cls: Any, cls: Any) -> Family:
+    row = Family("transformers", model_type, getattr(cls, "__name__", ""))
+    t0 = time.perf_counter()
+    if cls is None:
+        row.error = "no model class found"
+        return row
+    for small, size in ((True, 64), (True, None), (False, None)):
+        try:
+            config = _hf_config(config_cls, small)
+            model = cls(config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = accelerate(model, batchnorm="subset")
+                _step(model, _hf_input(model, config, size))
+        except Exception as error:  # noqa: BLE001 - a size that does not run: try the default
+            row.error = f"{type(error).__name__}: {str(error)[:160]}"
+            continue
+        row.error = ""
+        _account(row, model, report)
+        break
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def _print(row: Family) -> None:
+    mask = row.runs.get("mask", 0)
+    print(
+        f"{row.family:28s} {row.model:40s} sites {row.sites:4d} mask {mask:4d} "
+        f"{row.seconds:5.1f}s {row.error}",
+        flush=True,
+    )
+    for reason, count in row.reasons.items():
+        print(f"    {count:4d}  {reason}", flush=True)
+
+
+def _total(library: str, rows: list[Family]) -> str:
+    total = sum(r.sites for r in rows)
+    skip = sum(r.sites - r.runs.get("mask", 0) for r in rows)
+    return f"{library}: {skip} of {total} sites skip work ({100 * skip / max(total, 1):.0f} %)"
+
+
+def run(libraries: tuple[str, ...] = ("timm", "transformers"), only: Any = None) -> list[Family]:
+    """Build, accelerate and step one model per family; the rows, printed as they come."""
+    rows: list[Family] = []
+    if "timm" in libraries:
+        import timm
+
+        for module in timm.list_modules():
+            if not only or module in only:
+                rows.append(timm_family(module))
+                _print(rows[-1])
+    if "transformers" in libraries:
+        for model_type, config_cls, cls in _hf_classes():
+            if not only or model_type in only:
+                rows.append(hf_family(model_type, config_cls, cls))
+                _print(rows[-1])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--library", nargs="*", default=["timm", "transformers"])
+    parser.add_argument("--only", nargs="*", default=None, help="families to run")
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    rows = run(tuple(args.library), args.only)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    for library in args.library:
+        print(_total(library, [r for r in rows if r.library == library]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

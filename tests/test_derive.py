@@ -1,0 +1,285 @@
+"""Derived training forwards (``droppath._derive``) on blocks written in every form the libraries
+use: each is rewritten, verified against its own forward by running it, and then skips the
+dropped work. The real timm, torchvision and transformers blocks are covered by
+tests/integration/test_census_real.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from droppath import DropPath, accelerate
+from droppath._derive import DeriveError, derive
+
+D = 8
+
+
+class _Base(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc, self.fc2 = nn.LayerNorm(D), nn.Linear(D, D), nn.Linear(D, D)
+        self.gamma = nn.Parameter(torch.full((D,), 0.5))
+        self.drop_path = nn.Identity()  # an empty slot, as timm leaves it at rate 0
+
+    def ls(self, x):
+        return x * self.gamma
+
+
+class Expression(_Base):
+    def forward(self, x):
+        x = x + self.drop_path(self.fc(self.norm(x)))
+        return x
+
+
+class Reversed(_Base):
+    def forward(self, x):
+        return self.drop_path(self.fc(self.norm(x))) + x
+
+
+class AugAssign(_Base):
+    def forward(self, x):
+        y = self.fc2(x)
+        y += self.drop_path(self.fc(self.norm(x)))
+        return y
+
+
+class ShortcutExpression(_Base):
+    def forward(self, x):
+        return self.fc2(x) + self.drop_path(self.fc(self.norm(x)))
+
+
+class Statements(_Base):
+    """ConvNeXt, MBConv, DINOv3: the branch is the statements since the shortcut was taken."""
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm(x)
+        x = self.fc(x)
+        x = torch.relu(x)
+        x = self.drop_path(x) + shortcut
+        return x
+
+
+class UnderIf(_Base):
+    """EfficientNet: the sum sits under an ``if``, the branch starts before it."""
+
+    def __init__(self, skip: bool = True) -> None:
+        super().__init__()
+        self.has_skip = skip
+
+    def forward(self, x):
+        shortcut = x
+        x = self.fc(self.norm(x))
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class RowWiseAfter(_Base):
+    """A layer scale applied to the site's output: part of the branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = _Scale()
+
+    def forward(self, x):
+        return x + self.scale(self.drop_path(self.fc(self.norm(x))))
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((D,), 0.1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class SideInputs(_Base):
+    """A per-sample mask (gathered with the kept rows), a shared bias (passed whole) and sizes
+    read off the input (taken again on the kept rows)."""
+
+    def forward(self, x, mask, bias):
+        B, N, C = x.shape
+        h = self.norm(x).reshape(B, N, C) * mask + bias
+        return x + self.drop_path(self.fc(h))
+
+
+class TupleSide(_Base):
+    def forward(self, x, extras):
+        mask, bias = extras
+        return x + self.drop_path(self.fc(self.norm(x) * mask + bias))
+
+
+class Concatenated(_Base):
+    """A drop path whose output is not added to a shortcut: dropped rows are zeros."""
+
+    def forward(self, x):
+        return torch.cat([x, self.drop_path(self.fc(self.norm(x)))], dim=-1)
+
+
+class Statement2(_Base):
+    """The site's output named first, added later (Hugging Face CvT)."""
+
+    def forward(self, x):
+        out = self.fc(self.norm(x))
+        out = self.drop_path(out)
+        x = out + x
+        return x
+
+
+FORMS = [
+    Expression,
+    Reversed,
+    AugAssign,
+    ShortcutExpression,
+    Statements,
+    UnderIf,
+    RowWiseAfter,
+    SideInputs,
+    TupleSide,
+    Concatenated,
+    Statement2,
+]
+
+
+def _inputs(cls: type, n: int = 16) -> tuple:
+    x = torch.randn(n, 5, D)
+    if cls is SideInputs:
+        return (x, torch.rand(n, 5, 1), torch.randn(5, D))
+    if cls is TupleSide:
+        return (x, (torch.rand(n, 5, 1), torch.randn(5, D)))
+    return (x,)
+
+
+def _stack(cls: type, p: float) -> nn.Module:
+    torch.manual_seed(0)
+    block = cls()
+    accelerate(block, [p])
+    return block
+
+
+@pytest.mark.parametrize("cls", FORMS, ids=lambda c: c.__name__)
+def test_every_form_is_rewritten_verified_and_skips_work(cls):
+    block = _stack(cls, 0.5)
+    report = accelerate(block)
+    assert report.counts()["row subset"] == 1, str(report)
+    seen = []
+    block.fc.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    block.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed verification warns
+        for _ in range(6):
+            args = _inputs(cls)
+            out = block(*args)
+            out.float().sum().backward()
+    assert block.__dict__.get("_droppath_verified") is True
+    assert "_droppath_failed" not in block.__dict__
+    # the verification ran the branch on 16 rows and on the kept ones; training on kept rows only
+    trained = seen[2:] if cls is not UnderIf else seen[2:]
+    assert any(n < 16 for n in trained), seen
+
+
+@pytest.mark.parametrize("cls", FORMS, ids=lambda c: c.__name__)
+def test_eval_and_rate_zero_are_the_original(cls):
+    torch.manual_seed(0)
+    plain = cls()
+    block = _stack(cls, 0.5)
+    block.load_state_dict(plain.state_dict())
+    args = _inputs(cls)
+    with torch.no_grad():
+        assert torch.equal(block.eval()(*args), plain.eval()(*args))
+        accelerate(block, [0.0])
+        assert torch.equal(block.train()(*args), plain.train()(*args))
+
+
+@pytest.mark.parametrize("cls", [Expression, Statements, UnderIf, SideInputs, Concatenated])
+def test_rate_one_runs_no_branch(cls):
+    block = _stack(cls, 0.5)
+    block.train()
+    block(*_inputs(cls))  # verified at 0.5
+    accelerate(block, [1.0])
+    calls = []
+    block.fc.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    out = block(*_inputs(cls))
+    if cls is Concatenated:  # no shortcut to shape the zeros: two rows, without gradients, do
+        assert calls == [2]
+        assert torch.equal(out[..., D:], torch.zeros_like(out[..., D:]))
+    else:
+        assert calls == []
+
+
+def test_a_branch_that_is_not_row_wise_fails_verification_and_stays_on_the_mask():
+    class BiasAfter(_Base):
+        def forward(self, x):  # fc2 after the site has a bias: fc2(0) is not 0
+            return x + self.fc2(self.drop_path(self.fc(x)))
+
+    block = _stack(BiasAfter, 0.5)
+    block.train()
+    x = torch.randn(16, D)
+    with pytest.warns(UserWarning, match="BiasAfter stays on the mask .verify: output"):
+        block(x)
+    assert block.__dict__["_droppath_failed"].startswith("verify: output")
+    block(x).sum().backward()  # the original forward, on the mask
+
+
+def test_a_single_sample_defers_the_check():
+    block = _stack(Expression, 0.5)
+    block.train()
+    block(torch.randn(1, D))
+    assert "_droppath_verified" not in block.__dict__
+    block(torch.randn(4, D))
+    assert block.__dict__["_droppath_verified"] is True
+
+
+def test_what_cannot_be_derived_is_reported():
+    class ViaHelper(_Base):
+        def forward(self, x):
+            return self._inner(x)
+
+        def _inner(self, x):
+            return x + self.drop_path(self.fc(x))
+
+    block = _stack(ViaHelper, 0.5)
+    row = accelerate(block)[0]
+    assert row.runs == "mask"
+    assert row.reason.startswith("rewrite: ")
+    assert row.reason.endswith("ViaHelper.forward calls no site directly")
+    with pytest.raises(DeriveError, match="^parse: "):
+        derive(type(lambda: 0), ("drop_path",))
+
+
+def test_the_generated_code_reads_as_the_original():
+    source = derive(Statements, ("drop_path",)).source
+    assert "def __droppath_branch_0(self, x):" in source
+    assert "x = __droppath_add(self, 'drop_path', shortcut, __droppath_branch_0, (x,), True)" in (
+        source
+    )
+
+
+def test_under_if_without_skip_runs_the_whole_branch():
+    torch.manual_seed(0)
+    plain = UnderIf(skip=False)
+    block = UnderIf(skip=False)
+    block.load_state_dict(plain.state_dict())
+    accelerate(block, [0.5])
+    x = torch.randn(8, D)
+    assert torch.equal(block.train()(x), plain.train()(x))
+
+
+def test_sites_of_droppath_timm_and_torchvision_style():
+    class TimmStyle(_Base):
+        def __init__(self):
+            super().__init__()
+            self.drop_path = DropPath(0.3)
+
+        def forward(self, x):
+            return x + self.drop_path(self.fc(x))
+
+    block = TimmStyle()
+    assert accelerate(block)[0].runs == "row subset"
+    block.train()(torch.randn(8, D)).sum().backward()
+    assert block.__dict__["_droppath_verified"] is True
