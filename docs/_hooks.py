@@ -1,9 +1,9 @@
 """mkdocs hook: the command-line page shows the commands' own ``--help``, run at build time.
 
-A page line ``<!-- droppath-help: train -->`` becomes a text block with what
-``python -m droppath train --help`` prints for the checkout being built (``src`` first on the
-path), so the page cannot fall behind the parser. Both commands run in parallel: each imports
-torch for its option tables.
+A page line ``<!-- droppath-help: train -->`` (``<!-- droppath-help: -->`` for the top level)
+becomes a text block with what ``python -m droppath train --help`` prints for the checkout being
+built (``src`` first on the path), so the page cannot fall behind the parser. The commands run in
+parallel: each imports torch for its option tables.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"^<!-- droppath-help: ([a-z ]*) -->$", flags=re.M)
+MARKER = re.compile(r"^<!-- droppath-help:([a-z ]*)-->$", flags=re.M)
 _cache: dict[str, str] = {}
 
 
