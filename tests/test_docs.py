@@ -83,3 +83,16 @@ def test_render_draws_the_plot(tmp_path):
     for folder in FOLDERS:
         name = "cpu" if folder == "benchmarks/results" else folder.rsplit("/", 1)[1]
         assert (ROOT / "docs" / "img" / f"bench-{name}.png").exists(), name
+
+
+def test_readme_headline_numbers_are_measured():
+    """Every ratio of the README's table of measured savings is in a rendered benchmark table."""
+    render = _render()
+    tables = "\n".join(render.table(render.load(str(ROOT / f))) for f in FOLDERS)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Measured savings") :].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 3
+    for row in rows:
+        for number in re.findall(r"\b\d\.\d\d\d?\b", row):
+            assert f"| {number} |" in tables, f"{number} of {row!r} is in no benchmark table"
