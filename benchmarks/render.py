@@ -160,10 +160,10 @@ def plot(reports: list[dict], path: str) -> None:
     ax_mem.set_xlabel(f"droppath's activation memory / {memory_baseline(reports[0]['config'])}'s")
     machine = reports[0]["machine"]
     where = machine.get("gpu") or f"{machine['cpu_count']}-core CPU"
-    fig.suptitle(f"{where}, torch {machine['torch']}", fontsize=9, x=0.99, ha="right")
+    fig.text(0.99, 0.99, f"{where}, torch {machine['torch']}", fontsize=9, ha="right", va="top")
     handles, names = ax_time.get_legend_handles_labels()
     fig.legend(handles, names, loc="upper left", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (1.4 + 0.6 * len(reports))))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (1.4 + 0.6 * len(reports))))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
