@@ -1,6 +1,7 @@
-"""The README's promises about itself: two set-up commands, and CI runs the test one.
+"""The README's promises about itself: a front door of at most 150 lines, two set-up commands,
+and CI runs the test one.
 
-The README's and the tutorial's code examples run as doctests (see pyproject's pytest options).
+Its code examples, and the documentation site's, run as tests: see tests/test_docs.py.
 """
 
 from pathlib import Path
@@ -12,6 +13,10 @@ SETUP = "python3 -m venv .venv && "
 def _setup_commands():
     lines = (ROOT / "README.md").read_text().splitlines()
     return [line.strip() for line in lines if line.strip().startswith(SETUP)]
+
+
+def test_readme_is_a_front_door_of_at_most_150_lines():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
 
 
 def test_readme_has_exactly_two_setup_commands():
@@ -42,3 +47,8 @@ def test_ci_runs_the_readme_real_library_command():
     ]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert len(real) == 1 and real[0] in ci and "DROPPATH_REQUIRE_REAL=1" in real[0]
+
+
+def test_ci_builds_the_docs_strictly():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert any("mkdocs build --strict" in line for line in ci)

@@ -412,7 +412,7 @@ def test_ddp_two_gloo_processes(tmp_path):
 
 
 def docs_table() -> str:
-    """The table of docs/accelerate.md: ``accelerate``'s report on each model, as its library
+    """The table of docs/models.md: ``accelerate``'s report on each model, as its library
     builds it by default (full size, random weights), with ``drop_path_rate=0.1``."""
     from real_models import build_default
 
@@ -435,9 +435,9 @@ def docs_table() -> str:
 def test_docs_table_is_the_report():
     from pathlib import Path
 
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "accelerate.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
     table = docs_table()
-    assert table in docs, f"docs/accelerate.md must hold this table:\n{table}"
+    assert table in docs, f"docs/models.md must hold this table:\n{table}"
 
 
 def test_batch_mode_sites_skip_the_whole_branch():

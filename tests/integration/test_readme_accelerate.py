@@ -1,33 +1,17 @@
-"""Runs the README's and the tutorial's ``accelerate`` examples (Python blocks that need timm)."""
+"""Runs the README's and the tutorial's ``accelerate`` examples as written, in a fresh namespace
+(they need timm), and checks what they claim."""
 
-import contextlib
-import io
 import re
-from pathlib import Path
 
 from conftest import require
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _block(path: Path, needle: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-    return next(b for b in blocks if needle in b and ">>>" not in b)
-
-
-def _run(code: str, name: str) -> tuple[dict, str]:
-    scope: dict = {}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, name, "exec"), scope)
-    return scope, out.getvalue()
+from docs_blocks import find, run
 
 
 def test_readme_accelerate_block_runs_and_prints_what_it_says():
     require("timm")
-    code = _block(ROOT / "README.md", "accelerate(model")
-    scope, printed = _run(code, "README.md")
-    claimed = re.search(r"print\(report.counts\(\)\)\s+# (\{.*\})", code).group(1)
+    block = find("README.md", "accelerate(model")
+    scope, printed = run(block)
+    claimed = re.search(r"print\(report.counts\(\)\)\s+# (\{.*\})", block.code).group(1)
     assert printed.strip() == claimed
     assert type(scope["model"].blocks[0]).__name__ == "Block"
     assert scope["model"].blocks[0].attn.qkv.weight.grad is not None
@@ -35,8 +19,21 @@ def test_readme_accelerate_block_runs_and_prints_what_it_says():
 
 def test_tutorial_accelerate_section_runs():
     require("timm")
-    code = _block(ROOT / "docs" / "tutorial.md", "accelerate(model")
-    scope, printed = _run(code, "docs/tutorial.md")
+    scope, printed = run(find("docs/tutorial.md", "accelerate(model"))
     assert "24 sites: 24 row subset, 0 batch skip, 0 mask" in printed
     assert "blocks.0.drop_path1" in printed
     assert scope["sched"].last_step == 1
+
+
+def test_how_to_blocks_print_what_they_say():
+    require("timm")
+    require("torchvision")
+    require("transformers")
+    for needle in ("timm.create_model", "torchvision.models"):
+        block = find("docs/how-to/accelerate.md", needle)
+        claimed = re.search(r"print\(report.counts\(\)\)\s+# (\{.*\})", block.code).group(1)
+        assert run(block)[1].strip() == claimed, block.id
+    text = run.__wrapped__ and find("docs/how-to/accelerate.md", "Dinov2Model")
+    printed = run(text)[1].strip()
+    page = (find.__globals__["ROOT"] / "docs" / "how-to" / "accelerate.md").read_text()
+    assert f"```text\n{printed}\n```" in page

@@ -1,0 +1,98 @@
+"""The README and the documentation site: every code example runs as written, every public name
+is in the API reference, and the benchmark page shows what the renderer makes of the results.
+
+``pycon`` blocks run as doctests (pytest's ``--doctest-glob=*.md``); ``python`` blocks run here,
+each in a fresh namespace, except those that need timm, torchvision, transformers or Lightning,
+which ``tests/integration/test_readme_docs.py`` runs. See ``docs_blocks``.
+"""
+
+import importlib.util
+import re
+
+import pytest
+
+import droppath
+from docs_blocks import LANGUAGES, ROOT, blocks, run
+
+PYTHON = [b for b in blocks("python") if not b.needs()]
+
+
+def test_every_block_names_a_language_it_is_run_or_shown_by():
+    wrong = [f"{b.id}: {b.lang!r}" for b in blocks() if b.lang not in LANGUAGES]
+    assert not wrong, f"fences must be one of {LANGUAGES}: {wrong}"
+
+
+def test_doctest_blocks_are_pycon_and_scripts_are_python():
+    for b in blocks():
+        starts = b.code.lstrip().startswith(">>>")
+        assert starts == (b.lang == "pycon"), f"{b.id}: a >>> block is pycon, nothing else is"
+        if b.lang == "pycon":  # the default suite runs them: nothing beyond the test extra
+            assert not b.needs(), f"{b.id} needs {b.needs()}: write it as a python block"
+
+
+@pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
+def test_python_block_runs_as_written(block):
+    run(block)
+
+
+def test_each_page_has_examples_that_run():
+    assert len(PYTHON) >= 2 and len(blocks("pycon")) >= 10
+
+
+def test_api_reference_documents_every_public_name():
+    text = (ROOT / "docs" / "reference.md").read_text()
+    documented = set(re.findall(r"^::: droppath\.(\w+)$", text, flags=re.M))
+    assert documented == set(droppath.__all__)
+
+
+def test_readme_links_point_to_files():
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if "://" not in t]
+    assert local, "the README links into the docs"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing
+
+
+def _render():
+    spec = importlib.util.spec_from_file_location("render", ROOT / "benchmarks" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    return render
+
+
+FOLDERS = ["benchmarks/results", *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").iterdir() if p.is_dir()
+)]  # fmt: skip
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_benchmark_page_holds_the_rendered_table(folder):
+    render = _render()
+    table = render.table(render.load(str(ROOT / folder)))
+    assert table in (ROOT / "docs" / "benchmarks.md").read_text(), (
+        f"docs/benchmarks.md must hold `python benchmarks/render.py {folder}`:\n{table}"
+    )
+
+
+def test_render_draws_the_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    render = _render()
+    render.main([str(ROOT / "benchmarks" / "results" / "llama"), "--plot", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for folder in FOLDERS:
+        name = "cpu" if folder == "benchmarks/results" else folder.rsplit("/", 1)[1]
+        assert (ROOT / "docs" / "img" / f"bench-{name}.png").exists(), name
+
+
+def test_readme_headline_numbers_are_measured():
+    """Every ratio of the README's table of measured savings is in a rendered benchmark table."""
+    render = _render()
+    tables = "\n".join(render.table(render.load(str(ROOT / f))) for f in FOLDERS)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Measured savings") :].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 3
+    for row in rows:
+        for number in re.findall(r"\b\d\.\d\d\d?\b", row):
+            assert f"| {number} |" in tables, f"{number} of {row!r} is in no benchmark table"
