@@ -108,6 +108,20 @@ class SideInputs(_Base):
         return x + self.drop_path(self.fc(h))
 
 
+class Mask2D(_Base):
+    """A per-sample mask of 2 dimensions: gathered once a check without it has failed."""
+
+    def forward(self, x, mask):
+        return x + self.drop_path(self.fc(self.norm(x) * mask[:, None, :]))
+
+
+class SharedTable(_Base):
+    """A shared (tokens, dim) table whose tokens equal the batch size: never gathered."""
+
+    def forward(self, x, table):
+        return x + self.drop_path(self.fc(self.norm(x) + table))
+
+
 class TupleSide(_Base):
     def forward(self, x, extras):
         mask, bias = extras
@@ -140,6 +154,8 @@ FORMS = [
     UnderIf,
     RowWiseAfter,
     SideInputs,
+    Mask2D,
+    SharedTable,
     TupleSide,
     Concatenated,
     Statement2,
@@ -150,6 +166,10 @@ def _inputs(cls: type, n: int = 16) -> tuple:
     x = torch.randn(n, 5, D)
     if cls is SideInputs:
         return (x, torch.rand(n, 5, 1), torch.randn(5, D))
+    if cls is Mask2D:
+        return (x, torch.rand(n, D))
+    if cls is SharedTable:
+        return (torch.randn(n, n, D), torch.randn(n, D))
     if cls is TupleSide:
         return (x, (torch.rand(n, 5, 1), torch.randn(5, D)))
     return (x,)
@@ -178,6 +198,7 @@ def test_every_form_is_rewritten_verified_and_skips_work(cls):
             out.float().sum().backward()
     assert block.__dict__.get("_droppath_verified") is True
     assert "_droppath_failed" not in block.__dict__
+    assert block.__dict__["_droppath_gather"] == (2 if cls is Mask2D else 3)
     # the verification ran the branch on 16 rows and on the kept ones; training on kept rows only
     trained = seen[2:] if cls is not UnderIf else seen[2:]
     assert any(n < 16 for n in trained), seen

@@ -3,9 +3,11 @@
 ``add(block, site, base, branch, args, branch_first)`` is ``base + block.<site>(branch(block,
 *args))`` with the dropped work skipped; ``rows(block, site, branch, args)`` is
 ``block.<site>(branch(block, *args))`` with the dropped rows zeros and never computed. The branch
-runs on the kept rows of every argument that holds one row per sample (a tensor of 2 or more
-dimensions whose batch dimension has the batch size, inside tuples, lists and dicts too); the
-others are passed whole.
+runs on the kept rows of every argument that holds one row per sample (a tensor whose batch
+dimension has the batch size and that has at least ``block._droppath_gather`` dimensions, 3 by
+default, inside tuples, lists and dicts too); the others are passed whole. A shared ``(tokens,
+dim)`` table whose tokens happen to equal the batch size is so never cut; a block that needs its
+2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from droppath.layerdrop import _gather
 from droppath.residual import (
     _draw_gate,
     _draw_rows,
@@ -31,6 +32,26 @@ __all__ = ["ForcedDrop", "add", "rows"]
 
 BranchFn = Callable[..., Tensor]
 _BASE = object()  # stands for the rows of the sum's base among a branch's arguments
+
+
+GATHER = "_droppath_gather"
+
+
+def _gather(obj: Any, idx: Tensor, n: int, dim: int, min_dims: int) -> Any:
+    """``obj`` with every tensor of at least ``min_dims`` dimensions whose size along ``dim`` is
+    ``n`` taken at rows ``idx``, inside tuples, lists and dicts too; everything else as it is."""
+    if isinstance(obj, Tensor):
+        if obj.dim() >= min_dims and obj.dim() > dim and obj.shape[dim] == n:
+            rows = obj.index_select(dim, idx)
+            torch._dynamo.maybe_mark_dynamic(rows, dim)
+            return rows
+        return obj
+    if isinstance(obj, tuple | list):
+        items = [_gather(o, idx, n, dim, min_dims) for o in obj]
+        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
+    if isinstance(obj, dict):
+        return {k: _gather(v, idx, n, dim, min_dims) for k, v in obj.items()}
+    return obj
 
 
 class _Gathered:
@@ -63,7 +84,8 @@ class _AtRows:
     def __init__(self, branch: _Gathered, run: Tensor, dim: int) -> None:
         self.fn, self.block = branch.fn, branch.block
         n = _batch_size(branch.base, branch.args, dim)
-        self.args = _gathered_args(branch.args, branch.base, run, n, dim)
+        min_dims = int(branch.block.__dict__.get(GATHER, 3))
+        self.args = _gathered_args(branch.args, branch.base, run, n, dim, min_dims)
 
     def __call__(self, rows: Tensor | None) -> Tensor:
         args = [rows if a is _BASE else a for a in self.args]
@@ -75,18 +97,12 @@ class _AtRows:
 
 @_eager
 def _gathered_args(
-    args: tuple[Any, ...], base: Any, run: Tensor, n: int, dim: int
+    args: tuple[Any, ...], base: Any, run: Tensor, n: int, dim: int, min_dims: int
 ) -> tuple[Any, ...]:
-    out = []
-    for a in args:
-        if a is base and base is not None:
-            out.append(_BASE)
-            continue
-        g = _gather(a, run, n, dim)
-        if isinstance(g, Tensor) and g is not a:
-            torch._dynamo.maybe_mark_dynamic(g, dim)
-        out.append(g)
-    return tuple(out)
+    return tuple(
+        _BASE if a is base and base is not None else _gather(a, run, n, dim, min_dims)
+        for a in args
+    )
 
 
 def _batch_size(base: Any, args: tuple[Any, ...], dim: int) -> int:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from droppath._derive import Derived, DeriveError, derive
+from droppath._derived_ops import GATHER
 from droppath._checks import check_choice, check_probability
 from droppath._fx import is_proxy
 from droppath.drop import DropPath
@@ -114,9 +115,18 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     ):
         return original(block, *args, **kwargs)
     if not state.get(_VERIFIED):
-        reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
+        # side inputs of 3 or more dimensions with the batch size are per sample; if the check
+        # fails so, 2-dimensional ones too (a (batch, tokens) mask; see droppath._derived_ops)
+        first = None
+        for min_dims in (3, 2):
+            state[GATHER] = min_dims
+            reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
+            if not reason:
+                break
+            first = first or reason
         if reason is None:  # these inputs cannot tell (a single sample): check on a later call
             return original(block, *args, **kwargs)
+        reason = first if reason else reason
         if reason:
             state[_FAILED] = reason
             warnings.warn(
