@@ -12,6 +12,7 @@ its own forward (see ``droppath.accelerate``). Printed per family: sites, how th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from droppath import accelerate
+import droppath._derived_ops as ops
+from droppath import accelerate, set_drop_rates
 
 _SIZE = ["atto", "femto", "pico", "nano", "tiny", "mini", "xxs", "xs", "small", "t", "s"]
 
@@ -39,6 +41,11 @@ class Family:
     reasons: dict[str, int] = field(default_factory=dict)
     error: str = ""
     seconds: float = 0.0
+    # the checks of a family (None: not run): eval and rate-0 training bit-identical to the
+    # original model; branch calls in a training step at rate 1 (0: the shortcuts alone run)
+    eval_same: bool | None = None
+    zero_same: bool | None = None
+    branches_at_one: int | None = None
 
 
 def _rank(name: str) -> tuple[int, int, str]:
@@ -49,11 +56,69 @@ def _rank(name: str) -> tuple[int, int, str]:
 
 def _step(model: nn.Module, x: Any) -> None:
     model.train()
-    out = model(**x) if isinstance(x, dict) else model(x)
-    while not isinstance(out, torch.Tensor):
-        hidden = getattr(out, "last_hidden_state", None)
-        out = hidden if hidden is not None else out[0]
-    out.float().sum().backward()
+    _call(model, x).float().sum().backward()
+
+
+def _out(y: Any) -> torch.Tensor:
+    while not isinstance(y, torch.Tensor):
+        hidden = getattr(y, "last_hidden_state", None)
+        y = hidden if hidden is not None else y[0]
+    return y
+
+
+def _call(model: nn.Module, x: Any) -> torch.Tensor:
+    return _out(model(**x) if isinstance(x, dict) else model(x))
+
+
+def _same(a: nn.Module, b: nn.Module, x: Any, train: bool) -> bool:
+    a.train(train), b.train(train)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ya = _call(a, x)
+        torch.manual_seed(1)
+        yb = _call(b, x)
+    return torch.equal(ya, yb)
+
+
+def _branches_at_rate_one(model: nn.Module, x: Any) -> int:
+    """How many times a derived branch runs with grad in a training step at rate 1."""
+    calls = [0]
+    originals = ops._Gathered.__call__, ops._AtRows.__call__
+
+    def counting(fn: Any) -> Any:
+        def call(self: Any, *args: Any) -> Any:
+            calls[0] += torch.is_grad_enabled()
+            return fn(self, *args)
+
+        return call
+
+    ops._Gathered.__call__ = counting(originals[0])  # type: ignore[method-assign]
+    ops._AtRows.__call__ = counting(originals[1])  # type: ignore[method-assign]
+    try:
+        set_drop_rates(model, 1.0, "uniform")
+        _step(model, x)
+    finally:
+        ops._Gathered.__call__, ops._AtRows.__call__ = originals  # type: ignore[method-assign]
+    return calls[0]
+
+
+def check(row: Family, model: nn.Module, x: Any, checks: bool) -> None:
+    """Accelerate ``model`` and train one step (which verifies every derived block); with
+    ``checks``, compare with an untouched copy in eval and at rate 0, and count the branches run
+    at rate 1."""
+    original = copy.deepcopy(model) if checks else None
+    report = accelerate(model, batchnorm="subset")
+    if original is not None:
+        row.eval_same = _same(model, original, x, train=False)
+    # every block gets a rate, so that this step verifies each (a block at 0 runs its own forward)
+    set_drop_rates(model, 0.1, "uniform")
+    _step(model, x)
+    _account(row, model, report)
+    if original is not None:
+        set_drop_rates(model, 0.0, "uniform")
+        set_drop_rates(original, 0.0, "uniform")
+        row.zero_same = _same(model, original, x, train=True)
+        row.branches_at_one = _branches_at_rate_one(model, x)
 
 
 def _shape(reason: str) -> str:
@@ -109,14 +174,14 @@ def _smallest(names: list[str], candidates: int = 8) -> list[str]:
         try:
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False, drop_path_rate=0.1)
-        except Exception:  # noqa: BLE001 - a variant that does not build on meta: last
+        except Exception:
             sizes.append((float("inf"), name))
             continue
         sizes.append((sum(p.numel() for p in model.parameters()), name))
     return [name for _, name in sorted(sizes)][:3]
 
 
-def timm_family(module: str) -> Family:
+def timm_family(module: str, checks: bool = False) -> Family:
     import timm
 
     row = Family("timm", module, "")
@@ -127,13 +192,11 @@ def timm_family(module: str) -> Family:
                 model = _build_timm(name, small)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    report = accelerate(model, batchnorm="subset")
-                    _step(model, _timm_input(model, small))
-            except Exception as error:  # noqa: BLE001 - a variant or size that does not run
+                    check(row, model, _timm_input(model, small), checks)
+            except Exception as error:
                 row.error = f"{name}: {type(error).__name__}: {str(error)[:120]}"
                 continue
             row.model, row.error = name, ""
-            _account(row, model, report)
             row.seconds = time.perf_counter() - t0
             return row
     row.seconds = time.perf_counter() - t0
@@ -160,9 +223,11 @@ def _hf_classes() -> list[tuple[str, Any, Any]]:
         name = MODEL_MAPPING_NAMES.get(model_type)
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if cls is None:
-            module = sys.modules[config_cls.__module__.replace("configuration_", "modeling_")] \
-                if config_cls.__module__.replace("configuration_", "modeling_") in sys.modules \
+            module = (
+                sys.modules[config_cls.__module__.replace("configuration_", "modeling_")]
+                if config_cls.__module__.replace("configuration_", "modeling_") in sys.modules
                 else None
+            )
             if module is None:
                 import importlib
 
@@ -172,22 +237,26 @@ def _hf_classes() -> list[tuple[str, Any, Any]]:
                     )
                 except ImportError:
                     module = None
-            candidates = [
-                c
-                for c in vars(module).values()
-                if isinstance(c, type)
-                and getattr(c, "config_class", None) is config_cls
-                and not c.__name__.endswith("PreTrainedModel")
-            ] if module is not None else []
+            candidates = (
+                [
+                    c
+                    for c in vars(module).values()
+                    if isinstance(c, type)
+                    and getattr(c, "config_class", None) is config_cls
+                    and not c.__name__.endswith("PreTrainedModel")
+                ]
+                if module is not None
+                else []
+            )
             candidates.sort(key=lambda c: (not c.__name__.endswith("Model"), len(c.__name__)))
             cls = candidates[0] if candidates else None
         found.append((model_type, config_cls, cls))
     return found
 
 
-def _hf_config(config_cls: Any, small: bool) -> Any:
+def _hf_config(config_cls: Any, small: bool, image: int | None = None) -> Any:
     """The default config with ``drop_path_rate=0.1`` (one per stage where it is a list) and,
-    when ``small``, at most 2 layers per stack."""
+    when ``small``, at most 2 layers per stack; ``image``: the image size, where it has one."""
     default = config_cls()
     rate = getattr(default, "drop_path_rate", 0.0)
     kwargs: dict[str, Any] = {
@@ -202,6 +271,8 @@ def _hf_config(config_cls: Any, small: bool) -> Any:
             value = getattr(default, attr, None)
             if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
                 kwargs[attr] = [min(v, 2) for v in value]
+    if image is not None and isinstance(getattr(default, "image_size", None), int):
+        kwargs["image_size"] = image
     return config_cls(**kwargs)
 
 
@@ -225,7 +296,7 @@ def _hf_input(model: nn.Module, config: Any, size: int | None) -> dict[str, torc
     raise TypeError(f"no image input among {list(params)[:4]}")
 
 
-def hf_family(model_type: str, config_cls: Any, cls: Any) -> Family:
+def hf_family(model_type: str, config_cls: Any, cls: Any, checks: bool = False) -> Family:
     row = Family("transformers", model_type, getattr(cls, "__name__", ""))
     t0 = time.perf_counter()
     if cls is None:
@@ -233,17 +304,15 @@ def hf_family(model_type: str, config_cls: Any, cls: Any) -> Family:
         return row
     for small, size in ((True, 64), (True, None), (False, None)):
         try:
-            config = _hf_config(config_cls, small)
+            config = _hf_config(config_cls, small, size)
             model = cls(config)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                report = accelerate(model, batchnorm="subset")
-                _step(model, _hf_input(model, config, size))
-        except Exception as error:  # noqa: BLE001 - a size that does not run: try the default
+                check(row, model, _hf_input(model, config, size), checks)
+        except Exception as error:
             row.error = f"{type(error).__name__}: {str(error)[:160]}"
             continue
         row.error = ""
-        _account(row, model, report)
         break
     row.seconds = time.perf_counter() - t0
     return row
@@ -251,9 +320,14 @@ def hf_family(model_type: str, config_cls: Any, cls: Any) -> Family:
 
 def _print(row: Family) -> None:
     mask = row.runs.get("mask", 0)
+    checks = (
+        ""
+        if row.eval_same is None
+        else (f" eval={row.eval_same} zero={row.zero_same} at1={row.branches_at_one}")
+    )
     print(
         f"{row.family:28s} {row.model:40s} sites {row.sites:4d} mask {mask:4d} "
-        f"{row.seconds:5.1f}s {row.error}",
+        f"{row.seconds:5.1f}s{checks} {row.error}",
         flush=True,
     )
     for reason, count in row.reasons.items():
@@ -266,7 +340,9 @@ def _total(library: str, rows: list[Family]) -> str:
     return f"{library}: {skip} of {total} sites skip work ({100 * skip / max(total, 1):.0f} %)"
 
 
-def run(libraries: tuple[str, ...] = ("timm", "transformers"), only: Any = None) -> list[Family]:
+def run(
+    libraries: tuple[str, ...] = ("timm", "transformers"), only: Any = None, checks: bool = False
+) -> list[Family]:
     """Build, accelerate and step one model per family; the rows, printed as they come."""
     rows: list[Family] = []
     if "timm" in libraries:
@@ -274,12 +350,12 @@ def run(libraries: tuple[str, ...] = ("timm", "transformers"), only: Any = None)
 
         for module in timm.list_modules():
             if not only or module in only:
-                rows.append(timm_family(module))
+                rows.append(timm_family(module, checks))
                 _print(rows[-1])
     if "transformers" in libraries:
         for model_type, config_cls, cls in _hf_classes():
             if not only or model_type in only:
-                rows.append(hf_family(model_type, config_cls, cls))
+                rows.append(hf_family(model_type, config_cls, cls, checks))
                 _print(rows[-1])
     return rows
 
@@ -289,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--library", nargs="*", default=["timm", "transformers"])
     parser.add_argument("--only", nargs="*", default=None, help="families to run")
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument(
+        "--checks", action="store_true", help="also compare eval and rate 0 with the original"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    rows = run(tuple(args.library), args.only)
+    rows = run(tuple(args.library), args.only, args.checks)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import linecache
 import os
 import re
 import subprocess
@@ -113,6 +114,9 @@ def run(block: Block) -> tuple[dict, str]:
             assert done.returncode == 0, f"{block.id} failed under torchrun:\n{done.stderr[-4000:]}"
             return {}, done.stdout
         scope: dict = {"__name__": "__main__"}
+        # The block's source, readable as a script's is (inspect.getsource: accelerate derives
+        # a block class's training forward from it); the name is not a file, so register it.
+        linecache.cache[block.id] = (len(block.code), None, block.code.splitlines(True), block.id)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(block.code, block.id, "exec"), scope)

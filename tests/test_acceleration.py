@@ -1,6 +1,6 @@
 """``accelerate``'s mechanism on stand-in blocks: the class swap, the report, empty slots, depth
-positions by block. The forms of blocks it rewrites are tested in tests/test_derive.py. The real timm, torchvision and transformers blocks are
-tested in tests/integration/test_accelerate_real.py."""
+positions by block. The forms of blocks it rewrites are tested in tests/test_derive.py, the real
+timm, torchvision and transformers blocks in tests/integration/test_accelerate_real.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch import nn
 
 from conftest import binom_pvalue
 from droppath import DropPath, Residual, accelerate, drop_path_sites, set_drop_rates
-from droppath.acceleration import _key
 from droppath.rates import depth_rates
 from droppath.schedules import empty_slots, site_positions
 

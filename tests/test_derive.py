@@ -200,7 +200,7 @@ def test_every_form_is_rewritten_verified_and_skips_work(cls):
     assert "_droppath_failed" not in block.__dict__
     assert block.__dict__["_droppath_gather"] == (2 if cls is Mask2D else 3)
     # the verification ran the branch on 16 rows and on the kept ones; training on kept rows only
-    trained = seen[2:] if cls is not UnderIf else seen[2:]
+    trained = seen[2:]
     assert any(n < 16 for n in trained), seen
 
 

@@ -68,7 +68,8 @@ def _targets(node: ast.AST) -> tuple[set[str], set[str]]:
         out: tuple[set[str], set[str]] = (set(), set())
         for elt in node.elts:
             a, r = _targets(elt)
-            out[0].update(a), out[1].update(r)
+            out[0].update(a)
+            out[1].update(r)
         return out
     if isinstance(node, ast.Starred):
         return _targets(node.value)
@@ -263,11 +264,12 @@ class _Rewriter:
                     out.append(stmt)
                 else:
                     out[:] = hoisted
-            elif isinstance(stmt, ast.For | ast.While | ast.With | ast.If):
+            elif isinstance(stmt, ast.For | ast.While | ast.If):
                 stmt.body = self.block(stmt.body, [[stmt], *rest])
-                stmt.orelse = self.block(getattr(stmt, "orelse", []), rest) if hasattr(
-                    stmt, "orelse"
-                ) else []
+                stmt.orelse = self.block(stmt.orelse, rest)
+                out.append(stmt)
+            elif isinstance(stmt, ast.With):
+                stmt.body = self.block(stmt.body, rest)
                 out.append(stmt)
             elif isinstance(stmt, ast.Assign | ast.AugAssign | ast.Return | ast.Expr):
                 new, moved = self._simple(out, stmt, rest)
@@ -479,7 +481,8 @@ def _read_later(
     outside = {
         n.id
         for n in ast.walk(stmt)
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        if isinstance(n, ast.Name)
+        and isinstance(n.ctx, ast.Load)
         and not any(n is m for m in ast.walk(expr))
     }
     if live & outside:
@@ -508,7 +511,7 @@ class _Terms(ast.NodeTransformer):
         rewriter: _Rewriter,
         moved: list[ast.stmt],
         plan: tuple[ast.expr, list[ast.stmt], set[str]] | None,
-        shapes: list[ast.stmt],
+        shapes: list[tuple[ast.stmt, str | None]],
     ) -> None:
         self.rewriter, self.moved, self.plan, self.shapes = rewriter, moved, plan, shapes
         self.count = 0
@@ -656,7 +659,6 @@ def derive(cls: type, sites: Collection[str]) -> Derived:
                 body=[*br.body, ast.Return(br.value)],
                 decorator_list=[],
                 returns=None,
-                type_params=[],
             )
         )
     factory = ast.FunctionDef(
@@ -671,7 +673,6 @@ def derive(cls: type, sites: Collection[str]) -> Derived:
         body=[*funcs, fdef, ast.Return(ast.Name("forward", ast.Load()))],
         decorator_list=[],
         returns=None,
-        type_params=[],
     )
     module = ast.Module(body=[_Super().visit(factory)], type_ignores=[])
     ast.fix_missing_locations(module)

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from droppath import residual
 from droppath.residual import (
-    _draw_gate,
-    _draw_rows,
     _eager,
     _host_side,
     _scatter_add,
@@ -100,8 +99,7 @@ def _gathered_args(
     args: tuple[Any, ...], base: Any, run: Tensor, n: int, dim: int, min_dims: int
 ) -> tuple[Any, ...]:
     return tuple(
-        _BASE if a is base and base is not None else _gather(a, run, n, dim, min_dims)
-        for a in args
+        _BASE if a is base and base is not None else _gather(a, run, n, dim, min_dims) for a in args
     )
 
 
@@ -168,12 +166,12 @@ def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...]) -> Te
     scale = 1.0 / keep if drop.scale_by_keep and keep > 0.0 else 1.0
     ref = _reference(args, 0)
     if drop.mode == "batch" or ref is None:
-        if keep > 0.0 and _draw_gate(keep, None):
+        if keep > 0.0 and residual._draw_gate(keep, None):
             return fn(block, *args) * scale
         return fn(block, *args) * 0.0  # the output's shape is only known by running it
     dim = drop.batch_dim % ref.dim()
     n = ref.shape[dim]
-    idx, run = _draw_rows(n, keep, ref.device, None, None)
+    idx, run = residual._draw_rows(n, keep, ref.device, None, None)
     k = idx.shape[0]
     if k == n:
         return fn(block, *args) * scale

@@ -77,7 +77,7 @@ def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 @contextmanager
 def _checking(block: nn.Module, sites: tuple[str, ...], decide: _Decisions) -> Iterator[None]:
     modes = [(m, m.training) for m in block.modules() if m is not block]
-    saved = {s: block._modules[s] for s in sites if s in block._modules}
+    saved = {s: m for s in sites if (m := block._modules.get(s)) is not None}
     try:
         for m, _ in modes:
             m.training = False
@@ -154,7 +154,8 @@ def _grads(out: Any, leaves: list[Tensor]) -> list[Tensor]:
     g = torch.Generator().manual_seed(104729)
     cots = [torch.randn(o.shape, generator=g).to(o) for o in outs]
     grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
-    return [torch.zeros_like(leaf) if d is None else d for d, leaf in zip(grads, leaves, strict=True)]
+    pairs = zip(grads, leaves, strict=True)
+    return [torch.zeros_like(leaf) if d is None else d for d, leaf in pairs]
 
 
 @_eager
@@ -187,9 +188,7 @@ def verify(
         if reason:
             return f"verify: {reason}"
         try:
-            reason = _compare(
-                "input gradient", _grads(want, want_leaves), _grads(got, got_leaves)
-            )
+            reason = _compare("input gradient", _grads(want, want_leaves), _grads(got, got_leaves))
         except RuntimeError as error:
             return f"verify: backward failed ({error})"
     return f"verify: {reason}" if reason else ""

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from droppath._checks import check_choice, check_probability
 from droppath._derive import Derived, DeriveError, derive
 from droppath._derived_ops import GATHER
-from droppath._checks import check_choice, check_probability
 from droppath._fx import is_proxy
+from droppath._verify import verify
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
-from droppath._verify import verify
 from droppath.rates import DEPTH_RULES
 from droppath.residual import Residual, _host_side
 from droppath.schedules import _rate, convert, drop_path_sites, fill_slots, set_drop_rates
@@ -223,7 +223,8 @@ def accelerate(
     *,
     batchnorm: str = "mask",
 ) -> AccelerationReport:
-    """Make a timm, torchvision or Hugging Face model skip the work that stochastic depth drops.
+    """Make any model, timm's, torchvision's, Hugging Face's or yours, skip the work that
+    stochastic depth drops.
 
     In place, in one call:
 
@@ -233,17 +234,22 @@ def accelerate(
        ``drop_path_rate=0`` can be given stochastic depth. With ``p``, the rates are set by
        ``rule`` across blocks (:func:`set_drop_rates`); ``"linspace"`` is what the libraries
        compute.
-    2. Each block whose class droppath knows (ViT, DeiT, BEiT, EVA, ConvNeXt, Swin, Swin V2,
-       EfficientNet, ResNet and MaxViT blocks of timm, torchvision and Hugging Face) runs, in
-       training, each residual ``a + drop_path(g(a))`` as :func:`drop_add_residual` does: ``g``
-       runs on the kept samples only (row mode) or not at all when a step is dropped (batch
-       mode), with the site's own rate, mode and scaling, decisions drawn on the host and zero
-       gradients for skipped parameters under DDP. In evaluation, and while all of a block's rates
-       are 0, the block runs its own ``forward``: outputs are bit-identical to the original's.
-    3. Branches that mix samples (BatchNorm in training) stay on the mask unless
-       ``batchnorm="subset"`` (their batch statistics then come from the kept samples only). A
-       block droppath does not know, or whose ``forward`` differs from the library version its
-       adapter was written for, keeps working as before, on the mask, and is reported.
+    2. Each block that holds sites gets a training forward derived from its class's installed
+       source (``droppath._derive``): each residual ``a + drop_path(g(x))``, whatever its form
+       (an expression, the statements since the shortcut was taken, under an ``if``, a layer
+       scale after the site), runs as :func:`drop_add_residual` does: ``g`` on the kept samples
+       only (row mode) or not at all when a step is dropped (batch mode), with the site's own
+       rate, mode and scaling, decisions drawn on the host and zero gradients for skipped
+       parameters under DDP. Side inputs with one row per sample (attention masks, rotary
+       tables) are gathered with the kept rows; shared ones are passed whole.
+    3. Nothing derived is trusted untried: on a block's first training call with a rate above 0,
+       the derived forward runs against the class's own under the same keep decisions, and
+       outputs and input gradients must agree. A block that fails the check warns once and stays
+       on the mask; one whose source cannot be read or rewritten stays on the mask and the report
+       says why. In evaluation, and while all of a block's rates are 0, the block runs its own
+       ``forward``: outputs are bit-identical to the original's. Branches that mix samples
+       (BatchNorm in training) stay on the mask unless ``batchnorm="subset"`` (their batch
+       statistics then come from the kept samples only).
 
     The blocks keep their class names, parameters and buffers: ``state_dict()`` keys and
     ``named_parameters()`` are unchanged, checkpoints load both ways with ``strict=True``, an
@@ -267,26 +273,37 @@ def accelerate(
         >>> import torch
         >>> from torch import nn
         >>> from droppath import accelerate
-        >>> class Block(nn.Module):  # a block of a library droppath does not know
+        >>> class Block(nn.Module):  # your own block, or a library's
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.lin, self.drop_path = nn.Linear(4, 4), nn.Identity()
         ...     def forward(self, x):
-        ...         return x + self.drop_path(self.lin(x))
+        ...         shortcut = x
+        ...         x = self.lin(x).relu()
+        ...         return self.drop_path(x) + shortcut
         >>> model = nn.Sequential(Block(), Block())  # built with rate 0: empty slots
         >>> report = accelerate(model, p=0.2)  # fills them, sets the rates by linspace
         >>> print(report)
-        site         block  rate  runs  reason
-        0.drop_path  Block  0     mask  no adapter for ...Block
-        1.drop_path  Block  0.2   mask  no adapter for ...Block
-        2 sites: 0 row subset, 0 batch skip, 2 mask
+        site         block  rate  runs        reason
+        0.drop_path  Block  0     row subset
+        1.drop_path  Block  0.2   row subset
+        2 sites: 2 row subset, 0 batch skip, 0 mask
         >>> model[1].drop_path
         DropPath(p=0.2, mode='row', batch_dim=0, scale_by_keep=True)
-        >>> report[1].runs, report.counts()["mask"]
-        ('mask', 2)
-
-    A timm, torchvision or Hugging Face block runs as ``"row subset"`` instead (see the tutorial's
-    "accelerate a timm model").
+        >>> print(type(model[1])._droppath_derived.source)  # what runs in training
+        def __droppath_factory(__droppath_add, __droppath_rows, __droppath_cls):
+        <BLANKLINE>
+            def __droppath_branch_0(self, x):
+                x = self.lin(x).relu()
+                return x
+        <BLANKLINE>
+            def forward(self, x):
+                shortcut = x
+                return __droppath_add(self, 'drop_path', shortcut, __droppath_branch_0, (x,), True)
+            return forward
+        >>> y = model.train()(torch.randn(8, 4))  # checks it on the first call, then uses it
+        >>> model[1].__dict__["_droppath_verified"]
+        True
     """
     _check(model, p, rule, batchnorm)
     model = convert(model)
