@@ -12,7 +12,7 @@ import re
 import pytest
 
 import droppath
-from docs_blocks import LANGUAGES, ROOT, blocks, run
+from docs_blocks import LANGUAGES, ROOT, blocks, find, run
 
 PYTHON = [b for b in blocks("python") if not b.needs()]
 
@@ -33,6 +33,14 @@ def test_doctest_blocks_are_pycon_and_scripts_are_python():
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
 def test_python_block_runs_as_written(block):
     run(block)
+
+
+def test_accelerate_page_shows_the_code_accelerate_generates():
+    """The concept page's generated code is what ``Derived.source`` prints for its example."""
+    block = find("docs/concepts/accelerate.md", "_droppath_derived.source")
+    _, printed = run(block)
+    shown = [b.code for b in blocks("text") if b.path == block.path and "__droppath" in b.code]
+    assert shown and printed.endswith(shown[0]), printed
 
 
 def test_each_page_has_examples_that_run():

@@ -5,7 +5,7 @@ the other blocks run in the default suite (``tests/test_docs.py``)."""
 import pytest
 
 from conftest import require
-from docs_blocks import blocks, run
+from docs_blocks import blocks, find, run
 
 REAL = [b for b in blocks("python") if b.needs()]
 
@@ -21,3 +21,13 @@ def test_python_block_runs_as_written(block):
     if "transformers.Trainer" in block.code or "from transformers import Trainer" in block.code:
         require("accelerate")  # the Hugging Face Trainer's own dependency
     run(block)
+
+
+def test_accelerate_how_to_shows_the_code_accelerate_generates():
+    """The how-to's generated code for a user block is what ``Derived.source`` prints."""
+    block = find("docs/how-to/accelerate.md", "_droppath_derived.source")
+    for name in block.needs():
+        require(name)
+    _, printed = run(block)
+    shown = [b.code for b in blocks("text") if b.path == block.path and "__droppath" in b.code]
+    assert shown and printed.endswith(shown[0]), printed
