@@ -33,10 +33,13 @@ from typing import Any
 
 from droppath import _derived_ops
 
-__all__ = ["DeriveError", "Derived", "derive"]
+__all__ = ["NOTHING_TO_SKIP", "DeriveError", "Derived", "derive"]
 
 # Names the generated code binds (closure cells of the factory), out of any library's way.
 _ADD, _ROWS, _CLS = "__droppath_add", "__droppath_rows", "__droppath_cls"
+
+
+NOTHING_TO_SKIP = "the branch's work is done before the site and read after it: nothing to skip"
 
 
 class DeriveError(Exception):
@@ -239,6 +242,8 @@ class _Rewriter:
     def __init__(self, sites: Collection[str], params: Sequence[str], body: list[ast.stmt]):
         self.sites = set(sites)
         self.branches: list[_Branch] = []
+        self.rewritten: set[str] = set()  # sites whose work is skipped
+        self.kept: set[str] = set()  # sites left as they are: their work cannot move
         self.used: set[str] = set()
         # the forward's local names: its parameters and everything it assigns
         self.locals = set(params)
@@ -390,6 +395,8 @@ class _Rewriter:
             if term is not None:
                 load = _as_load(stmt.target)
                 call = transformer.emit(term[0], term[1], load, branch_first=True)
+                if call is None:
+                    return stmt, moved
                 new: ast.stmt = ast.Assign(targets=[stmt.target], value=call)
                 return ast.fix_missing_locations(new), moved
         new = transformer.visit(stmt)
@@ -518,7 +525,8 @@ class _Terms(ast.NodeTransformer):
 
     def emit(
         self, site: str, expr: ast.expr, base: ast.expr | None, branch_first: bool = False
-    ) -> ast.Call:
+    ) -> ast.Call | None:
+        """The op call for a site term, or None when rewriting it would skip no work."""
         r = self.rewriter
         name = f"__droppath_branch_{len(r.branches)}"
         shapes: list[tuple[ast.stmt, str | None]] = []
@@ -546,8 +554,14 @@ class _Terms(ast.NodeTransformer):
             else:
                 raise DeriveError("rewrite", f"the branch reads the batch size {batch}")
         body = [*prologue, *body]
-        r.branches.append(_Branch(name, ["self", *params], body, expr))
         self.count += 1
+        if not body and isinstance(expr, ast.Name):
+            # the branch's work is done before the site and cannot move after the decision: the
+            # site stays as it is (the mask), and the report says so
+            r.kept.add(site)
+            return None
+        r.branches.append(_Branch(name, ["self", *params], body, expr))
+        r.rewritten.add(site)
         args = ast.Tuple(elts=[ast.Name(p, ast.Load()) for p in params], ctx=ast.Load())
         self_ = ast.Name("self", ast.Load())
         fn = ast.Name(name, ast.Load())
@@ -565,9 +579,11 @@ class _Terms(ast.NodeTransformer):
             sites = self.rewriter.sites
             right, left = _site_term(node.right, sites), _site_term(node.left, sites)
             if right is not None and not _calls_in(node.left, sites):
-                return self.emit(right[0], right[1], self.visit(node.left), False)
+                call = self.emit(right[0], right[1], self.visit(node.left), False)
+                return node if call is None else call
             if left is not None and not _calls_in(node.right, sites):
-                return self.emit(left[0], left[1], self.visit(node.right), True)
+                call = self.emit(left[0], left[1], self.visit(node.right), True)
+                return node if call is None else call
         return self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
@@ -575,7 +591,8 @@ class _Terms(ast.NodeTransformer):
         if site is not None:
             if _calls_in(node.args[0], self.rewriter.sites):
                 raise DeriveError("rewrite", "a site call nested in another site's branch")
-            return self.emit(site, node.args[0], None)
+            call = self.emit(site, node.args[0], None)
+            return node if call is None else call
         return self.generic_visit(node)
 
 
@@ -637,6 +654,8 @@ def derive(cls: type, sites: Collection[str]) -> Derived:
     rewriter = _Rewriter(sites, params, body)
     new_body = rewriter.block(body, [])
     if not rewriter.branches:
+        if rewriter.kept:
+            raise DeriveError("rewrite", f"{cls.__qualname__}: {NOTHING_TO_SKIP}")
         raise DeriveError("rewrite", f"{cls.__qualname__}.forward calls no site directly")
     fdef.body = new_body
     fdef.decorator_list = []
@@ -688,5 +707,4 @@ def derive(cls: type, sites: Collection[str]) -> Derived:
     forward.__defaults__ = fn.__defaults__
     forward.__kwdefaults__ = fn.__kwdefaults__
     forward.__qualname__ = f"{cls.__qualname__}.forward"
-    sites_used = tuple(sorted({s for s in sites if f"self.{s}(" in source}))
-    return Derived(forward, sites_used, text)
+    return Derived(forward, tuple(sorted(rewriter.rewritten - rewriter.kept)), text)

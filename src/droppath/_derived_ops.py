@@ -54,62 +54,45 @@ def _gather(obj: Any, idx: Tensor, n: int, dim: int, min_dims: int) -> Any:
 
 
 class _Gathered:
-    """A derived site's branch as ``drop_add_residual`` calls it: with the full batch it calls
-    ``fn(block, *args)``; :meth:`at_rows` gives the branch of the rows to run. Its
-    ``parameters()`` are the block's, which get zero gradients under DDP when every sample is
-    dropped."""
+    """A derived site's branch as ``drop_add_residual`` calls it: ``fn(block, *args)`` with the
+    sum's base (marked ``_BASE`` among the arguments) taken from the call's argument: the full
+    input, or the rows ``_split`` took. :meth:`at_rows` gives the branch of some rows, its other
+    per-sample arguments gathered. One class for both, so that under torch.compile a branch
+    compiles once for every batch size. Its ``parameters()`` are the block's, which get zero
+    gradients under DDP when every sample is dropped."""
 
-    __slots__ = ("args", "base", "block", "fn")
+    __slots__ = ("args", "block", "fn", "ref")
 
-    def __init__(self, fn: BranchFn, block: nn.Module, args: tuple[Any, ...], base: Any) -> None:
-        self.fn, self.block, self.args, self.base = fn, block, args, base
+    def __init__(self, fn: BranchFn, block: nn.Module, args: tuple[Any, ...], ref: Tensor) -> None:
+        self.fn, self.block, self.args, self.ref = fn, block, args, ref
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.fn(self.block, *self.args)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.block.parameters()
-
-    def at_rows(self, run: Tensor, dim: int) -> _AtRows:
-        return _AtRows(self, run, dim)
-
-
-class _AtRows:
-    """The branch on rows ``run``: the base's rows come in as the argument (``_split`` took
-    them), every other per-sample argument is gathered here."""
-
-    __slots__ = ("args", "block", "fn")
-
-    def __init__(self, branch: _Gathered, run: Tensor, dim: int) -> None:
-        self.fn, self.block = branch.fn, branch.block
-        n = _batch_size(branch.base, branch.args, dim)
-        min_dims = int(branch.block.__dict__.get(GATHER, 3))
-        self.args = _gathered_args(branch.args, branch.base, run, n, dim, min_dims)
-
-    def __call__(self, rows: Tensor | None) -> Tensor:
-        args = [rows if a is _BASE else a for a in self.args]
-        return self.fn(self.block, *args)
+    def __call__(self, x: Tensor | None) -> Tensor:
+        return self.fn(self.block, *[x if a is _BASE else a for a in self.args])
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.block.parameters()
+
+    def at_rows(self, run: Tensor, dim: int) -> _Gathered:
+        return _at_rows(self, run, dim)
 
 
 @_eager
-def _gathered_args(
-    args: tuple[Any, ...], base: Any, run: Tensor, n: int, dim: int, min_dims: int
-) -> tuple[Any, ...]:
-    return tuple(
-        _BASE if a is base and base is not None else _gather(a, run, n, dim, min_dims) for a in args
-    )
-
-
-def _batch_size(base: Any, args: tuple[Any, ...], dim: int) -> int:
-    if isinstance(base, Tensor):
-        return int(base.shape[dim])
-    ref = _reference(args, dim)
+def _branch(fn: BranchFn, block: nn.Module, args: tuple[Any, ...], base: Any) -> _Gathered:
+    """The branch of a sum into ``base`` (or, with ``base`` None, of a zero-filled output)."""
+    if base is not None:
+        return _Gathered(fn, block, tuple(_BASE if a is base else a for a in args), base)
+    ref = _reference(args, 0)
     if ref is None:
         raise RuntimeError("droppath: a derived branch has no tensor input to take rows from")
-    return int(ref.shape[dim])
+    return _Gathered(fn, block, args, ref)
+
+
+@_eager
+def _at_rows(branch: _Gathered, run: Tensor, dim: int) -> _Gathered:
+    n = int(branch.ref.shape[dim])
+    min_dims = int(branch.block.__dict__.get(GATHER, 3))
+    args = tuple(a if a is _BASE else _gather(a, run, n, dim, min_dims) for a in branch.args)
+    return _Gathered(branch.fn, branch.block, args, branch.ref)
 
 
 def _reference(args: tuple[Any, ...], dim: int) -> Tensor | None:
@@ -131,15 +114,16 @@ def add(
 ) -> Tensor:
     """``base + block.<site>(fn(block, *args))``, the dropped work skipped."""
     drop = getattr(block, site)
+    branch = _branch(fn, block, args, base)
     if isinstance(drop, ForcedDrop):
-        return drop.add(base, _Gathered(fn, block, args, base), branch_first)
+        return drop.add(base, branch, branch_first)
     if not drop.training:
-        out = fn(block, *args)
+        out = branch(base)
         return out + base if branch_first else base + out
     # drop_add_residual's training step, called directly: this frame runs on the host
     return _skipping_add(
         base,
-        _Gathered(fn, block, args, base),
+        branch,
         float(drop.p),
         None,
         drop.mode,
@@ -152,36 +136,68 @@ def add(
     )
 
 
+_SHAPES = "_droppath_shapes"
+
+
 @_host_side
 def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...]) -> Tensor:
     """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros."""
     drop = getattr(block, site)
-    branch = _Gathered(fn, block, args, None)
+    branch = _branch(fn, block, args, None)
     if isinstance(drop, ForcedDrop):
-        return drop.rows(branch, args)
+        return drop.rows(branch)
     p = float(drop.p)
     if not drop.training or p == 0.0:
-        return fn(block, *args)
+        return branch(None)
     keep = 1.0 - p
     scale = 1.0 / keep if drop.scale_by_keep and keep > 0.0 else 1.0
-    ref = _reference(args, 0)
-    if drop.mode == "batch" or ref is None:
-        if keep > 0.0 and residual._draw_gate(keep, None):
-            return fn(block, *args) * scale
-        return fn(block, *args) * 0.0  # the output's shape is only known by running it
+    ref = branch.ref
     dim = drop.batch_dim % ref.dim()
-    n = ref.shape[dim]
+    n = int(ref.shape[dim])
+    if drop.mode == "batch":
+        if keep > 0.0 and residual._draw_gate(keep, None):
+            return _remember(block, site, ref, dim, branch(None)) * scale
+        return _zeros(block, site, branch, ref, dim, n)
     idx, run = residual._draw_rows(n, keep, ref.device, None, None)
     k = idx.shape[0]
     if k == n:
-        return fn(block, *args) * scale
-    if k == 0:  # every row dropped: zeros, shaped by a look at two rows, without gradients
+        return _remember(block, site, ref, dim, branch(None)) * scale
+    if k == 0:
+        return _zeros(block, site, branch, ref, dim, n)
+    out = _remember(block, site, ref, dim, branch.at_rows(run, dim)(None))
+    return _fill(out, idx, n, dim, scale)
+
+
+def _key(site: str, ref: Tensor, dim: int) -> tuple[Any, ...]:
+    shape = list(ref.shape)
+    del shape[dim]
+    return site, tuple(shape), ref.dtype, dim
+
+
+@_eager
+def _remember(block: nn.Module, site: str, ref: Tensor, dim: int, out: Tensor) -> Tensor:
+    """``out``, its shape per row kept for the steps that drop every row (see ``_zeros``)."""
+    shape = list(out.shape)
+    shape[dim] = -1
+    block.__dict__.setdefault(_SHAPES, {})[_key(site, ref, dim)] = (shape, out.dtype)
+    return out
+
+
+@_eager
+def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int, n: int) -> Tensor:
+    """The output of a step that drops every row: zeros shaped like the branch's output, from the
+    last run on inputs of this shape, or, the first time, from a look at two rows without
+    gradients."""
+    known = block.__dict__.get(_SHAPES, {}).get(_key(site, ref, dim))
+    if known is None:
         with torch.no_grad():
             few = torch.arange(min(2, n), device=ref.device)
-            out = branch.at_rows(few, dim)(None)
-        return _fill(out, idx, n, dim, scale)
-    out = branch.at_rows(run, dim)(None)
-    return _fill(out, idx, n, dim, scale)
+            out = _remember(block, site, ref, dim, branch.at_rows(few, dim)(None))
+        known = (list(out.shape), out.dtype)
+        known[0][dim] = -1
+    shape, dtype = known
+    shape = [n if i == dim else s for i, s in enumerate(shape)]
+    return ref.new_zeros(shape, dtype=dtype)
 
 
 @_eager
@@ -226,10 +242,8 @@ class ForcedDrop(nn.Module):
         out = branch.at_rows(idx, dim)(rows_)
         return _scatter_add(x_all, out, idx, dim, self.scale, branch_first)
 
-    def rows(self, branch: _Gathered, args: tuple[Any, ...]) -> Tensor:
-        ref = _reference(args, 0)
-        if ref is None:
-            raise RuntimeError("no tensor input to take the rows from")
-        kept, dim = self._kept(ref)
+    def rows(self, branch: _Gathered) -> Tensor:
+        kept, dim = self._kept(branch.ref)
         idx = kept.nonzero().squeeze(1)
-        return _fill(branch.at_rows(idx, dim)(None), idx, ref.shape[dim], dim, self.scale)
+        n = branch.ref.shape[dim]
+        return _fill(branch.at_rows(idx, dim)(None), idx, n, dim, self.scale)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from droppath._checks import check_choice, check_probability
-from droppath._derive import Derived, DeriveError, derive
+from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive
 from droppath._derived_ops import GATHER
 from droppath._fx import is_proxy
 from droppath._verify import verify
@@ -199,10 +199,14 @@ def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Derived |
         derived = _derived(cls, tuple(sorted(sites)))
     except DeriveError as error:
         return None, str(error)
-    missing = sorted(set(sites) - set(derived.sites))
-    if missing:
-        return None, f"rewrite: {cls.__qualname__}.forward does not call {', '.join(missing)}"
     return derived, ""
+
+
+def _unreached(cls: type, attr: str, derived: Derived) -> str:
+    """Why a site of a derived block is not rewritten."""
+    if f"self.{attr}(" in derived.source:
+        return f"rewrite: {NOTHING_TO_SKIP}"
+    return f"rewrite: {cls.__qualname__}.forward does not call {attr}"
 
 
 def _check(model: Any, p: Any, rule: Any, batchnorm: Any) -> None:
@@ -338,8 +342,12 @@ def accelerate(
         for attr in attrs:
             name = f"{owner_name}.{attr}" if owner_name else attr
             site = getattr(block, attr)
-            runs = MASK if adapter is None else (BATCH if site.mode == "batch" else ROW)
-            rows[name] = SiteReport(name, cls.__name__, rows[name].rate, runs, reason)
+            why = reason
+            if adapter is not None and attr not in adapter.sites:
+                runs, why = MASK, _unreached(cls, attr, adapter)
+            else:
+                runs = MASK if adapter is None else (BATCH if site.mode == "batch" else ROW)
+            rows[name] = SiteReport(name, cls.__name__, rows[name].rate, runs, why)
     return AccelerationReport(rows.values())
 
 
