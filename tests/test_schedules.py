@@ -62,7 +62,7 @@ def mixed_model():
 class TestDepthRates:
     def test_linear_is_the_papers_rule(self):
         assert depth_rates(4, 0.5, "linear") == [0.125, 0.25, 0.375, 0.5]
-        assert depth_rates(1, 0.5) == [0.5]
+        assert depth_rates(1, 0.5, "linear") == [0.5]
 
     def test_linspace_matches_torch_linspace(self):
         assert depth_rates(5, 0.4, "linspace") == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
@@ -82,13 +82,15 @@ class TestDepthRates:
             depth_rates(2.5, 0.1)
         with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 2"):
             depth_rates(3, 2)
-        with pytest.raises(ValueError, match="rule must be one of 'linear', 'linspace', 'uniform'"):
+        with pytest.raises(ValueError, match="rule must be one of 'model', 'linear', 'linspace'"):
             depth_rates(3, 0.1, "cosine")
 
     def test_meta_device_model(self):
         with torch.device("meta"):
             model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(3)])
-        assert [r for _, r in set_drop_rates(model, 0.3)] == pytest.approx([0.1, 0.2, 0.3])
+        assert [r for _, r in set_drop_rates(model, 0.3, "linear")] == pytest.approx(
+            [0.1, 0.2, 0.3]
+        )
 
 
 class TestSetDropRates:
@@ -138,14 +140,14 @@ def _model(n=4):
 
 class TestScheduler:
     def test_constant(self):
-        s = DropRateScheduler(_model(), 0.4)
+        s = DropRateScheduler(_model(), 0.4, depth_rule="linear")
         for _ in range(3):
             s.step()
         assert s.get_last_p() == [0.1, 0.2, 0.30000000000000004, 0.4]
 
     def test_warmup(self):
         m = _model(2)
-        s = DropRateScheduler(m, 0.4, time_rule="warmup", warmup_steps=4)
+        s = DropRateScheduler(m, 0.4, depth_rule="linear", time_rule="warmup", warmup_steps=4)
         seen = [s.get_last_p()]
         for _ in range(5):
             s.step()
@@ -161,20 +163,27 @@ class TestScheduler:
         assert m[1].p == 0.4
 
     def test_early_linear_and_constant(self):
-        s = DropRateScheduler(_model(1), 0.5, time_rule="early", cutoff_step=4)
+        s = DropRateScheduler(_model(1), 0.5, depth_rule="linear", time_rule="early", cutoff_step=4)
         got = [s.rates_at(t)[0] for t in range(6)]
         assert got == [0.5, 0.375, 0.25, 0.125, 0.0, 0.0]
-        s = DropRateScheduler(_model(1), 0.5, time_rule="early", cutoff_step=2, shape="constant")
+        s = DropRateScheduler(
+            _model(1), 0.5, depth_rule="linear", time_rule="early", cutoff_step=2, shape="constant"
+        )
         assert [s.rates_at(t)[0] for t in range(4)] == [0.5, 0.5, 0.0, 0.0]
 
     def test_late(self):
-        s = DropRateScheduler(_model(1), 0.5, time_rule="late", cutoff_step=2)
+        s = DropRateScheduler(_model(1), 0.5, depth_rule="linear", time_rule="late", cutoff_step=2)
         assert [s.rates_at(t)[0] for t in range(4)] == [0.0, 0.0, 0.5, 0.5]
 
     def test_pld_matches_the_paper(self):
         theta_bar, gamma, n = 0.5, 0.01, 4
         s = DropRateScheduler(
-            _model(n), 1 - theta_bar, time_rule="pld", theta_bar=theta_bar, gamma=gamma
+            _model(n),
+            1 - theta_bar,
+            depth_rule="linear",
+            time_rule="pld",
+            theta_bar=theta_bar,
+            gamma=gamma,
         )
         import math
 
