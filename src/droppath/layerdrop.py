@@ -164,7 +164,7 @@ def _drop_layer(
     if p == 0.0:
         return _call(fn, x, args, kwargs, settings, dim)
     if _cache_passed(args, kwargs):
-        warnings.warn(CACHE_WARNING, UserWarning, stacklevel=2)
+        warnings.warn(CACHE_WARNING, UserWarning, stacklevel=1)
         return _call(fn, x, args, kwargs, settings, dim)
     keep = 1.0 - p
     scale = 1.0 / keep if settings.scale_by_keep and keep > 0.0 else 1.0
