@@ -166,7 +166,7 @@ def _resolve_rates(
 ) -> list[float]:
     """One rate per site: ``p`` itself if it is a sequence; by ``"model"``, each site's own rate
     scaled; else the rate of the site's block."""
-    if _is_rates(p):
+    if isinstance(p, Sequence) and not isinstance(p, str):
         return resolve_rates(len(sites), p, rule)
     profile = [_rate(m) for _, m in sites] if rule == MODEL_RULE else None
     rule = positional_rule(check_choice(rule, "rule", DEPTH_RULES), profile)
@@ -663,7 +663,7 @@ def _remove_layers(stack: nn.ModuleList, config: Any, removed: set[int]) -> None
     for new, old in enumerate(kept):
         for module in stack[old].modules():
             if getattr(module, "layer_idx", None) == old:
-                module.layer_idx = new
+                setattr(module, "layer_idx", new)  # noqa: B010 (mypy: not a Module or Tensor)
     for i in sorted(removed, reverse=True):
         del stack[i]
     for key, value in list(vars(config).items()):
