@@ -278,7 +278,7 @@ def test_a_training_forward_with_a_cache_fills_it_for_the_whole_batch(make):
     assert sum(calls) < 15
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_prune_then_save_pretrained_reloads_the_pruned_model(tmp_path, arch):
     tf = require("transformers")
     torch.manual_seed(0)
@@ -294,6 +294,11 @@ def test_prune_then_save_pretrained_reloads_the_pruned_model(tmp_path, arch):
     )
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=4, n_head=4, n_positions=64, pad_token_id=0
+        )
+        model = tf.GPT2LMHeadModel(cfg)
     else:  # a per-layer list in the config: layer_types
         cfg = tf.Qwen2Config(
             **common, use_sliding_window=True, sliding_window=4, max_window_layers=2
@@ -301,16 +306,21 @@ def test_prune_then_save_pretrained_reloads_the_pruned_model(tmp_path, arch):
         model = tf.Qwen2ForCausalLM(cfg)
     types = getattr(model.config, "layer_types", None)
     layer_drop(model, [0.1, 0.5, 0.2, 0.4])
-    kept = [model.model.layers[i] for i in (0, 2)]
+    stack, name = _layers(model), "transformer.h" if arch == "gpt2" else "model.layers"
+    kept = [stack[i] for i in (0, 2)]
     report = prune(model, 2)
-    assert report["blocks_removed"] == ["model.layers.1", "model.layers.3"]
-    assert list(model.model.layers) == kept and model.config.num_hidden_layers == 2
-    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert report["blocks_removed"] == [f"{name}.1", f"{name}.3"]
+    assert list(stack) == kept and model.config.num_hidden_layers == 2
+    indices = [
+        {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+        for layer in stack
+    ]
+    assert indices == [{0}, {1}]  # the key/value cache's layer indices, renumbered
     if types is not None:
         assert model.config.layer_types == [types[0], types[2]]
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
-    assert len(loaded.model.layers) == 2
+    assert len(_layers(loaded)) == 2
     model.eval(), loaded.eval()
     ids, mask = _batch(n=4)
     with torch.no_grad():
