@@ -449,6 +449,15 @@ class TestNothingToActOn:
         with pytest.warns(UserWarning, match="DropRateScheduler found nothing to act on"):
             DropRateScheduler(model, [])
 
+    def test_bad_arguments_are_named_before_the_model_is_searched(self):
+        model = nn.Sequential(nn.Linear(4, 4))
+        with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 1.5"):
+            set_drop_rates(model, 1.5)
+        with pytest.raises(ValueError, match=r"p\[1\] must be a probability"):
+            DropRateScheduler(model, [0.0, 2.0])
+        with pytest.raises(ValueError, match="depth_rule must be one of 'model', 'linear'"):
+            DropRateScheduler(_model(), 0.1, depth_rule="cubic")
+
     def test_a_model_with_only_empty_slots_is_not_a_no_op(self):
         import warnings
 

@@ -178,7 +178,7 @@ def _resolve_rates(
 
 
 # What droppath looks for in a model, for the message of a call that finds nothing.
-SEARCHED = (
+_SEARCHED = (
     "drop-path modules (droppath's DropPath, Residual and layer-drop layers, timm's DropPath, "
     "torchvision's StochasticDepth, Hugging Face's *DropPath) and empty drop-path slots "
     "(attributes drop_path*, stochastic_depth* or stochastic_dropout holding nn.Identity or None)"
@@ -187,14 +187,21 @@ SEARCHED = (
 
 def check_reaches(model: nn.Module, p: Any, action: str) -> None:
     """Refuse a ``p`` above 0 that reaches nothing in ``model``, and warn about any other call
-    that has nothing to act on: a silent no-op would train a model without stochastic depth."""
+    (``p`` None or 0) that has nothing to act on: a silent no-op would train a model without
+    stochastic depth. ``p`` (None, a rate or a sequence of rates) is checked first."""
+    if p is None:
+        rates = []
+    elif _is_rates(p):
+        rates = [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
+    else:
+        rates = [check_probability(p)]
     if drop_path_sites(model) or empty_slots(model):
         return
     found = (
-        f"{action} found nothing to act on in this {type(model).__name__}: it looked for {SEARCHED}"
+        f"{action} found nothing to act on in this {type(model).__name__}: it looked for "
+        f"{_SEARCHED}"
     )
-    rates = list(p) if _is_rates(p) else [p]
-    if any(isinstance(r, int | float) and r > 0 for r in rates):
+    if any(r > 0.0 for r in rates):
         raise ValueError(f"p={p!r} reaches no drop-path site: {found}")
     warnings.warn(f"{found}; nothing was changed", UserWarning, stacklevel=3)
 
@@ -283,6 +290,7 @@ def set_drop_rates(
         0.2
     """
     check_model(model, "set_drop_rates")
+    check_choice(rule, "rule", DEPTH_RULES)
     check_reaches(model, p, "set_drop_rates")
     _fill_where_dropping(model, p, rule)
     sites = drop_path_sites(model)
@@ -534,6 +542,7 @@ class DropRateScheduler:
         **rule_options: Any,
     ) -> None:
         check_model(model, "DropRateScheduler")
+        check_choice(depth_rule, "depth_rule", DEPTH_RULES)
         check_reaches(model, p, "DropRateScheduler")
         _fill_where_dropping(model, p, depth_rule)
         self.model = model
