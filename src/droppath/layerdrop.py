@@ -89,7 +89,7 @@ def _cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     )
 
 
-CACHE_WARNING = (
+_CACHE_WARNING = (
     "a layer-drop layer was given a key/value cache in training, so it ran for every sample (a "
     "cache must hold the keys and values of the whole batch). To drop layers in training, pass "
     "use_cache=False to the forward or set model.config.use_cache = False (generate keeps "
@@ -164,7 +164,7 @@ def _drop_layer(
     if p == 0.0:
         return _call(fn, x, args, kwargs, settings, dim)
     if _cache_passed(args, kwargs):
-        warnings.warn(CACHE_WARNING, UserWarning, stacklevel=1)
+        warnings.warn(_CACHE_WARNING, UserWarning, stacklevel=1)
         return _call(fn, x, args, kwargs, settings, dim)
     keep = 1.0 - p
     scale = 1.0 / keep if settings.scale_by_keep and keep > 0.0 else 1.0
@@ -241,12 +241,11 @@ class LayerDrop(_DropBase):
     generation, in train mode too), it is exactly ``L``: a cache must hold every sample's keys
     and values. Hugging Face models pass a cache in training too while ``config.use_cache`` is
     on, so pass ``use_cache=False`` in training (or set ``model.config.use_cache = False``;
-    ``generate`` keeps its cache); a layer that runs whole for a cache in training warns once.
-    Draws are made on the host,
-    as :class:`droppath.Residual` makes them (no device synchronization, replayed by
-    checkpointing), and skipped parameters get zero gradients in a distributed run. Other outputs
-    of a tuple (attention weights, say) come from the kept samples only; a step that drops every
-    sample returns ``None`` for them.
+    ``generate`` keeps its cache); a layer that runs whole for a cache in training warns.
+    Draws are made on the host, as :class:`droppath.Residual` makes them (no device
+    synchronization, replayed by checkpointing), and skipped parameters get zero gradients in a
+    distributed run. Other outputs of a tuple (attention weights, say) come from the kept samples
+    only; a step that drops every sample returns ``None`` for them.
 
     Args:
         layer: the layer, stored as ``self.layer``.
@@ -456,8 +455,11 @@ def layer_drop(
     layers stay where they are, with their class name, parameters and buffers: ``state_dict()``
     keys and ``named_parameters()`` are unchanged, a checkpoint of the plain model loads with
     ``strict=True``, and the model's own save (``save_pretrained``) writes a plain checkpoint.
-    ``set_drop_rates``, ``DropRateScheduler`` and ``prune`` see the layers as drop-path sites.
-    Calling it again on the same model changes the settings.
+    ``set_drop_rates``, ``DropRateScheduler`` and ``prune`` see the layers as drop-path sites
+    (``prune`` deletes a Hugging Face model's layers and updates its config, so that
+    ``save_pretrained`` writes the pruned model). Calling it again on the same model changes the
+    settings. A layer handed a key/value cache runs for every sample (see :class:`LayerDrop`):
+    train with ``use_cache=False`` or ``model.config.use_cache = False``.
 
     Args:
         model: a model with a layer stack, e.g. a Hugging Face causal LM (Llama-family
