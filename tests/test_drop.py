@@ -251,11 +251,31 @@ class TestBadInput:
         with pytest.raises(TypeError, match="scale_by_keep must be True or False, got 1"):
             DropPath(0.1, scale_by_keep=1)
 
-    def test_attribute_changed_to_bad_value_is_caught_at_call(self):
-        m = DropPath(0.1)
-        m.p = 2.0
-        with pytest.raises(ValueError, match="got 2.0"):
-            m(torch.randn(2, 2))
+    @pytest.mark.parametrize("kind", ["DropPath", "Residual", "LayerDrop"])
+    def test_a_bad_setting_is_refused_at_assignment(self, kind):
+        from droppath import LayerDrop, Residual
+
+        make = {
+            "DropPath": lambda: DropPath(0.1),
+            "Residual": lambda: Residual(nn.Linear(2, 2), 0.1),
+            "LayerDrop": lambda: LayerDrop(nn.Linear(2, 2), 0.1),
+        }[kind]
+        m = make()
+        with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 2.0"):
+            m.p = 2.0
+        with pytest.raises(
+            TypeError, match="p must be a probability in \\[0, 1\\], got '0.1' of type str"
+        ):
+            m.p = "0.1"
+        with pytest.raises(ValueError, match="mode must be one of 'row', 'batch', got 'rows'"):
+            m.mode = "rows"
+        with pytest.raises(TypeError, match="scale_by_keep must be True or False, got 1"):
+            m.scale_by_keep = 1
+        with pytest.raises(TypeError, match="batch_dim must be an int, got 0.5"):
+            m.batch_dim = 0.5
+        assert (m.p, m.mode, m.scale_by_keep, m.batch_dim) == (0.1, "row", True, 0)
+        m.p = 1  # a valid rate is stored as a float
+        assert m.p == 1.0 and type(m.p) is float
 
 
 class TestModule:

@@ -277,3 +277,94 @@ def _saved(model):
     torch.save(model, buffer)
     buffer.seek(0)
     return buffer
+
+
+class StandInCache:
+    """A key/value cache as Hugging Face layers use it: each layer appends its batch's rows."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def get_seq_length(self, layer_idx=0):
+        return 0 if layer_idx not in self.rows else 1
+
+    def update(self, x, layer_idx):
+        self.rows[layer_idx] = x.shape[0]
+
+
+class CachingLayer(nn.Module):
+    def __init__(self, idx):
+        super().__init__()
+        self.lin, self.layer_idx = nn.Linear(4, 4), idx
+
+    def forward(self, x, cache=None, use_cache=False):
+        if cache is not None:
+            cache.update(x, self.layer_idx)
+        return x + self.lin(x)
+
+
+class TestCache:
+    """A layer handed a key/value cache runs for every sample: the cache holds the whole batch."""
+
+    def _model(self):
+        model = nn.Module()
+        model.layers = nn.ModuleList(CachingLayer(i) for i in range(4))
+        layer_drop(model, 0.9, "uniform")
+        return model.train()
+
+    @pytest.mark.parametrize("how", ["positional", "keyword"])
+    def test_a_cache_gets_every_sample_in_training(self, how):
+        model, cache, x = self._model(), StandInCache(), torch.randn(8, 3, 4)
+        with pytest.warns(UserWarning, match="given a key/value cache in training"):
+            for layer in model.layers:
+                x = layer(x, cache) if how == "positional" else layer(x, cache=cache)
+        assert cache.rows == {0: 8, 1: 8, 2: 8, 3: 8}
+
+    def test_use_cache_alone_runs_the_whole_layer(self):
+        model, x = self._model(), torch.randn(8, 3, 4)
+        calls = []
+        model.layers[0].lin.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        with pytest.warns(UserWarning, match="use_cache=False"):
+            model.layers[0](x, use_cache=True)
+        assert calls == [8]
+
+    def test_without_a_cache_the_layer_drops(self):
+        model = self._model()
+        calls = []
+        model.layers[0].lin.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        torch.manual_seed(0)
+        for _ in range(20):
+            model.layers[0](torch.randn(8, 3, 4), use_cache=False)
+        assert binom_pvalue(sum(calls), 160, 0.1) > 1e-4 and sum(calls) < 80
+
+
+class TestLayerNames:
+    def test_a_name_that_is_not_a_submodule(self):
+        model = _model()
+        with pytest.raises(
+            ValueError,
+            match=r"layers must name a non-empty nn.ModuleList of the model, got 'model.nope', "
+            r"which names no submodule of this Module; its nn.ModuleLists are 'layers'",
+        ):
+            layer_drop(model, 0.2, layers="model.nope")
+
+    def test_a_name_that_is_not_a_module_list(self):
+        model = _model()
+        with pytest.raises(
+            ValueError, match=r"got 'layers.0', a MaskedLayer; its nn.ModuleLists are 'layers'"
+        ):
+            layer_drop(model, 0.2, layers="layers.0")
+
+    def test_a_stack_of_another_model_and_a_wrong_type(self):
+        with pytest.raises(ValueError, match="a ModuleList that is not part of this Module"):
+            layer_drop(_model(), 0.2, layers=_model().layers)
+        with pytest.raises(TypeError, match="layers must be None, a qualified name or an"):
+            layer_drop(_model(), 0.2, layers=3)
+
+    def test_a_second_call_keeps_the_profile_by_default(self):
+        model = _model()
+        layer_drop(model, 0.4, "exp")
+        first = [layer.p for layer in model.layers]
+        again = [r for _, r in layer_drop(model, 0.2)]
+        assert again == pytest.approx([r / 2 for r in first])
+        assert [r for _, r in layer_drop(_model(), 0.3)] == depth_rates(4, 0.3, "linspace")

@@ -347,7 +347,9 @@ class TestCompile:
         torch._dynamo.reset()
         counters.clear()
         model = nn.Sequential(*[_block() for _ in range(12)])
-        sched = DropRateScheduler(model, 0.5, time_rule=time_rule, **options)
+        sched = DropRateScheduler(
+            model, 0.5, depth_rule="linear", time_rule=time_rule, **options
+        )  # 12 distinct rates (the blocks are built with one rate: "model" would keep it)
         compiled = torch.compile(model)
         graphs_after = []
         with caplog.at_level(logging.WARNING, logger="torch._dynamo"):

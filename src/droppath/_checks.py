@@ -7,10 +7,11 @@ received (``p must be a probability in [0, 1], got 1.5``).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import fx, nn
 
 MODES = ("row", "batch")
 STRATEGIES = ("auto", "subset", "mask")
@@ -91,3 +92,39 @@ def check_drop_args(p: Any, mode: Any, scale_by_keep: Any) -> float:
     check_choice(mode, "mode", MODES)
     check_bool(scale_by_keep, "scale_by_keep")
     return check_probability(p)
+
+
+# The settings of droppath's drop-path modules (``DropPath``, ``Residual``, ``LayerDrop``) and
+# their checks, applied at every assignment: a bad rate fails where it is set, not at the next
+# forward.
+DROP_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "p": check_probability,
+    "mode": lambda v: check_choice(v, "mode", MODES),
+    "batch_dim": lambda v: check_int(v, "batch_dim"),
+    "scale_by_keep": lambda v: check_bool(v, "scale_by_keep"),
+}
+
+
+def check_model(model: Any, action: str) -> nn.Module:
+    """Check that ``model`` is a Python module whose drop-path code ``action`` can reach.
+
+    A ``torch.fx.GraphModule`` (``symbolic_trace``, torchvision's and timm's
+    ``create_feature_extractor``) is refused, wherever it sits in the model: tracing has turned the
+    libraries' drop paths into graph nodes with their rates as constants, and its module tree no
+    longer has the blocks that rates are counted by.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model must be a Python nn.Module, got a TorchScript module")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    traced = next((n for n, m in model.named_modules() if isinstance(m, fx.GraphModule)), None)
+    if traced is not None:
+        where = f"a torch.fx.GraphModule at {traced!r}" if traced else "a torch.fx.GraphModule"
+        raise TypeError(
+            f"model must be an untraced nn.Module, got {where}: tracing fixes the drop paths of "
+            f"timm, torchvision and Hugging Face into the graph, where {action} cannot reach "
+            f"them. Call {action} on the model before tracing it (symbolic_trace, "
+            "create_feature_extractor); droppath's own DropPath and Residual stay modules in the "
+            "trace, shared with that model, so rates set on it later still apply."
+        )
+    return model

@@ -7,19 +7,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from droppath._checks import check_choice, check_probability
+from droppath._checks import check_choice, check_model, check_probability
 from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive
 from droppath._derived_ops import GATHER
 from droppath._fx import is_proxy
 from droppath._verify import verify
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
-from droppath.rates import DEPTH_RULES
+from droppath.rates import DEFAULT_RULE, DEPTH_RULES
 from droppath.residual import Residual, _host_side
-from droppath.schedules import _rate, convert, drop_path_sites, fill_slots, set_drop_rates
+from droppath.schedules import (
+    _rate,
+    check_reaches,
+    convert,
+    drop_path_sites,
+    fill_slots,
+    set_drop_rates,
+)
 
 __all__ = ["AccelerationReport", "SiteReport", "accelerate"]
 
@@ -210,10 +216,7 @@ def _unreached(cls: type, attr: str, derived: Derived) -> str:
 
 
 def _check(model: Any, p: Any, rule: Any, batchnorm: Any) -> None:
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("model must be a Python nn.Module, got a TorchScript module")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model, "accelerate")
     if p is not None and not (isinstance(p, Sequence) and not isinstance(p, str)):
         check_probability(p)
     check_choice(rule, "rule", DEPTH_RULES)
@@ -223,7 +226,7 @@ def _check(model: Any, p: Any, rule: Any, batchnorm: Any) -> None:
 def accelerate(
     model: nn.Module,
     p: float | Sequence[float] | None = None,
-    rule: str = "linspace",
+    rule: str = DEFAULT_RULE,
     *,
     batchnorm: str = "mask",
 ) -> AccelerationReport:
@@ -236,8 +239,10 @@ def accelerate(
        scaling (:func:`convert`), and its empty slots (``nn.Identity`` or None where the library
        put no module for a rate of 0) receive a ``DropPath(0.0)``: a model built with
        ``drop_path_rate=0`` can be given stochastic depth. With ``p``, the rates are set by
-       ``rule`` across blocks (:func:`set_drop_rates`); ``"linspace"`` is what the libraries
-       compute.
+       ``rule`` (:func:`set_drop_rates`): by default the model's own profile scaled to ``p``,
+       or ``"linspace"``, what the libraries compute, for a model built with rate 0. A ``p``
+       above 0 on a model with no drop-path module and no empty slot raises ``ValueError``;
+       without one, such a model gets a warning.
     2. Each block that holds sites gets a training forward derived from its class's installed
        source (``droppath._derive``): each residual ``a + drop_path(g(x))``, whatever its form
        (an expression, the statements since the shortcut was taken, under an ``if``, a layer
@@ -264,9 +269,11 @@ def accelerate(
         model: a model of timm, torchvision or Hugging Face transformers (or any module).
         p: the largest rate for ``rule``, or one rate per site; None keeps the model's rates.
             Default: None.
-        rule: a depth rule of :func:`depth_rates`, over blocks (empty slots included); with
-            ``"linspace"`` the rates are timm's, torchvision's and transformers'; EfficientNet's
-            are ``"efficientnet"``. Default: ``"linspace"``.
+        rule: a depth rule of :func:`depth_rates`: ``"model"`` keeps the model's own profile
+            scaled to ``p`` (``"linspace"`` where its rates are all 0); the positional rules go
+            over blocks (empty slots included), and with ``"linspace"`` the rates are timm's,
+            torchvision's and transformers'; EfficientNet's are ``"efficientnet"``. Default:
+            ``"model"``.
         batchnorm: ``"mask"`` or ``"subset"``, how to run branches with BatchNorm in training.
             Default: ``"mask"``.
 
@@ -286,7 +293,7 @@ def accelerate(
         ...         x = self.lin(x).relu()
         ...         return self.drop_path(x) + shortcut
         >>> model = nn.Sequential(Block(), Block())  # built with rate 0: empty slots
-        >>> report = accelerate(model, p=0.2)  # fills them, sets the rates by linspace
+        >>> report = accelerate(model, p=0.2)  # fills them; all rates 0, so linspace
         >>> print(report)
         site         block  rate  runs        reason
         0.drop_path  Block  0     row subset
@@ -310,6 +317,7 @@ def accelerate(
         True
     """
     _check(model, p, rule, batchnorm)
+    check_reaches(model, p, "accelerate")  # a p that reaches nothing raises, else a warning
     model = convert(model)
     fill_slots(model)
     if p is not None:

@@ -7,15 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from droppath._checks import (
-    MODES,
-    check_bool,
-    check_choice,
-    check_drop_args,
-    check_input,
-    check_int,
-    check_probability,
-)
+from droppath._checks import DROP_SETTINGS, check_drop_args, check_input
 from droppath._fx import function_node, is_proxy, module_node
 
 __all__ = ["DropPath", "drop_path"]
@@ -122,15 +114,21 @@ class _DropBase(nn.Module):
     """Stores and checks the settings shared by ``DropPath`` and ``Residual``.
 
     The settings are plain attributes, so a schedule can change them on a live module between
-    steps; ``forward`` hands them to the functional op, which checks them again at every call.
+    steps; each assignment is checked (``module.p = 2.0`` raises there), and ``forward`` hands
+    them to the functional op. Reading them stays a plain attribute lookup, so torch.compile
+    treats a rate as it treats any float attribute.
     """
 
     def __init__(self, p: float, mode: str, batch_dim: int, scale_by_keep: bool) -> None:
         super().__init__()
-        self.p = check_probability(p)
-        self.mode = check_choice(mode, "mode", MODES)
-        self.batch_dim = check_int(batch_dim, "batch_dim")
-        self.scale_by_keep = check_bool(scale_by_keep, "scale_by_keep")
+        self.p = p
+        self.mode = mode
+        self.batch_dim = batch_dim
+        self.scale_by_keep = scale_by_keep
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = DROP_SETTINGS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,7 @@ Dropping (Zhang & He, NeurIPS 2020) and LayerSkip (Elhoushi et al., ACL 2024) tr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,11 @@ from droppath._checks import (
     check_drop_args,
     check_input,
     check_int,
+    check_model,
     check_probability,
 )
 from droppath.drop import _DropBase
-from droppath.rates import resolve_rates
+from droppath.rates import DEFAULT_RULE, resolve_rates
 from droppath.residual import _draw_gate, _draw_rows, _eager, _host_side, _skip, _split
 
 __all__ = ["LayerDrop", "SkippedLayer", "layer_drop"]
@@ -67,35 +69,32 @@ def _gather(obj: Any, idx: Tensor, n: int, dim: int) -> Any:
     return obj
 
 
-def _layer_index(layer: nn.Module | None) -> int | None:
-    """The ``layer_idx`` that Hugging Face layers (or their attention) keep for the cache."""
-    if layer is None:
-        return None
-    for module in layer.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and not isinstance(idx, bool):
-            return idx
-    return None
+# The keyword arguments that hand a layer a key/value cache, in Hugging Face's current and
+# earlier releases.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _cache_in_use(args: Sequence[Any], kwargs: dict[str, Any], layer: nn.Module | None) -> bool:
-    """Whether a key/value cache passed to ``layer`` already holds tokens of this layer: the
-    forward continues a sequence (generation), so every sample must run.
+def _cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether the call hands the layer a key/value cache, or asks it for one (``use_cache``).
 
-    A cache created empty by a training forward (Hugging Face models do that when
-    ``use_cache`` is on) does not count.
+    The cache must then receive every sample's keys and values: a layer that ran on a subset
+    would store a partial batch, which the next step (generation, even in train mode) cannot
+    extend.
     """
-    for value in (*args, *kwargs.values()):
-        length = getattr(value, "get_seq_length", None)
-        if callable(length) and not isinstance(value, Tensor):
-            idx = _layer_index(layer)  # walks the layer's modules: only when a cache is passed
-            try:
-                held = int(length(idx)) if idx is not None else int(length())
-            except (TypeError, ValueError, IndexError, KeyError):
-                return True  # a cache whose length cannot be read: leave the layer alone
-            if held > 0:
-                return True
-    return False
+    if kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return True
+    return any(
+        not isinstance(v, Tensor) and callable(getattr(v, "get_seq_length", None))
+        for v in (*args, *kwargs.values())
+    )
+
+
+_CACHE_WARNING = (
+    "a layer-drop layer was given a key/value cache in training, so it ran for every sample (a "
+    "cache must hold the keys and values of the whole batch). To drop layers in training, pass "
+    "use_cache=False to the forward or set model.config.use_cache = False (generate keeps "
+    "its cache)."
+)
 
 
 def _hidden(out: Any) -> Tensor:
@@ -162,7 +161,10 @@ def _drop_layer(
     """One training call of a layer-drop site (see :class:`LayerDrop`)."""
     dim = check_input(x, settings.batch_dim, "hidden_states")
     p = check_drop_args(settings.p, settings.mode, settings.scale_by_keep)
-    if p == 0.0 or _cache_in_use(args, kwargs, owner):
+    if p == 0.0:
+        return _call(fn, x, args, kwargs, settings, dim)
+    if _cache_passed(args, kwargs):
+        warnings.warn(_CACHE_WARNING, UserWarning, stacklevel=1)
         return _call(fn, x, args, kwargs, settings, dim)
     keep = 1.0 - p
     scale = 1.0 / keep if settings.scale_by_keep and keep > 0.0 else 1.0
@@ -235,14 +237,15 @@ class LayerDrop(_DropBase):
       so that the expectation is ``L(x)``, what eval computes; ``False`` gives ``L(x)``, the
       convention of LayerDrop, LayerSkip and torchtune's ``LayerDropout``.
 
-    In eval mode, and when a key/value cache that already holds tokens is passed (generation), it
-    is exactly ``L``. A cache that a training forward creates empty (Hugging Face models do when
-    ``use_cache`` is on) receives the kept samples' keys and values only: pass
-    ``use_cache=False`` in training, where that cache serves nothing. Draws are made on the host,
-    as :class:`droppath.Residual` makes them (no device synchronization, replayed by
-    checkpointing), and skipped parameters get zero gradients in a distributed run. Other outputs
-    of a tuple (attention weights, say) come from the kept samples only; a step that drops every
-    sample returns ``None`` for them.
+    In eval mode, and whenever a key/value cache is passed or asked for (``use_cache=True``;
+    generation, in train mode too), it is exactly ``L``: a cache must hold every sample's keys
+    and values. Hugging Face models pass a cache in training too while ``config.use_cache`` is
+    on, so pass ``use_cache=False`` in training (or set ``model.config.use_cache = False``;
+    ``generate`` keeps its cache); a layer that runs whole for a cache in training warns.
+    Draws are made on the host, as :class:`droppath.Residual` makes them (no device
+    synchronization, replayed by checkpointing), and skipped parameters get zero gradients in a
+    distributed run. Other outputs of a tuple (attention weights, say) come from the kept samples
+    only; a step that drops every sample returns ``None`` for them.
 
     Args:
         layer: the layer, stored as ``self.layer``.
@@ -392,10 +395,54 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def _module_lists(model: nn.Module) -> str:
+    """The non-empty ``nn.ModuleList`` s of ``model`` by name, for an error message."""
+    names = [repr(n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f"its nn.ModuleLists are {shown}" if names else "it has no nn.ModuleList"
+
+
+def _named_stack(model: nn.Module, layers: Any) -> tuple[str, nn.ModuleList]:
+    """The stack ``layers`` names (or is), with its qualified name; errors name ``layers``."""
+    if layers is None:
+        return find_layer_stack(model)
+    if isinstance(layers, str):
+        try:
+            stack = model.get_submodule(layers)
+        except AttributeError:
+            raise ValueError(
+                f"layers must name a non-empty nn.ModuleList of the model, got {layers!r}, which "
+                f"names no submodule of this {type(model).__name__}; {_module_lists(model)}"
+            ) from None
+        name = layers
+    elif isinstance(layers, nn.Module):
+        stack = layers
+        found = next((n for n, m in model.named_modules() if m is layers), None)
+        if found is None:
+            raise ValueError(
+                f"layers must be a non-empty nn.ModuleList of the model, got a "
+                f"{type(layers).__name__} that is not part of this {type(model).__name__}; "
+                f"{_module_lists(model)}"
+            )
+        name = found
+    else:
+        raise TypeError(
+            f"layers must be None, a qualified name or an nn.ModuleList of the model, got "
+            f"{type(layers).__name__}"
+        )
+    if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
+        raise ValueError(
+            f"layers must be a non-empty nn.ModuleList of the model, got {name!r}, a "
+            f"{type(stack).__name__}{' of length 0' if isinstance(stack, nn.ModuleList) else ''}"
+            f"; {_module_lists(model)}"
+        )
+    return name, stack
+
+
 def layer_drop(
     model: nn.Module,
     p: float | Sequence[float],
-    rule: str = "linear",
+    rule: str = DEFAULT_RULE,
     *,
     layers: str | nn.ModuleList | None = None,
     mode: str = "row",
@@ -408,14 +455,19 @@ def layer_drop(
     layers stay where they are, with their class name, parameters and buffers: ``state_dict()``
     keys and ``named_parameters()`` are unchanged, a checkpoint of the plain model loads with
     ``strict=True``, and the model's own save (``save_pretrained``) writes a plain checkpoint.
-    ``set_drop_rates``, ``DropRateScheduler`` and ``prune`` see the layers as drop-path sites.
-    Calling it again on the same model changes the settings.
+    ``set_drop_rates``, ``DropRateScheduler`` and ``prune`` see the layers as drop-path sites
+    (``prune`` deletes a Hugging Face model's layers and updates its config, so that
+    ``save_pretrained`` writes the pruned model). Calling it again on the same model changes the
+    settings. A layer handed a key/value cache runs for every sample (see :class:`LayerDrop`):
+    train with ``use_cache=False`` or ``model.config.use_cache = False``.
 
     Args:
         model: a model with a layer stack, e.g. a Hugging Face causal LM (Llama-family
             ``model.layers``, GPT-2 ``transformer.h``; see ``STACK_PATHS``).
         p: the largest rate for ``rule`` (see :func:`droppath.depth_rates`), or one rate per layer.
-        rule: a depth rule of :func:`droppath.depth_rates`. Default: ``"linear"``.
+        rule: a depth rule of :func:`droppath.depth_rates`. ``"model"`` keeps the rates of layers
+            that are layer-drop sites already (a second call), scaled to ``p``, and is
+            ``"linspace"`` for a stack without them. Default: ``"model"``.
         layers: the stack, as an ``nn.ModuleList`` of ``model`` or its qualified name. Default:
             found by ``STACK_PATHS``.
         mode: ``"row"`` or ``"batch"``. Default: ``"row"``.
@@ -442,26 +494,14 @@ def layer_drop(
         >>> type(model.layers[0]).__name__, list(model.state_dict())[:2]
         ('Layer', ['layers.0.lin.weight', 'layers.0.lin.bias'])
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("model must be a Python nn.Module, got a TorchScript module")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model, "layer_drop")
     check_choice(mode, "mode", MODES)
     check_bool(scale_by_keep, "scale_by_keep")
     check_int(batch_dim, "batch_dim")
-    if layers is None:
-        name, stack = find_layer_stack(model)
-    elif isinstance(layers, str):
-        name, stack = layers, model.get_submodule(layers)  # type: ignore[assignment]
-    else:
-        stack = layers
-        name = next((n for n, m in model.named_modules() if m is layers), "")
-    if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
-        raise ValueError(
-            f"layers must be a non-empty nn.ModuleList of the model, got {type(stack).__name__}"
-        )
+    name, stack = _named_stack(model, layers)
     names = [f"{name}.{i}" if name else str(i) for i in range(len(stack))]
-    rates = resolve_rates(len(stack), p, rule)
+    profile = [layer.p if isinstance(layer, _LayerDropSite) else 0.0 for layer in stack]
+    rates = resolve_rates(len(stack), p, rule, profile)
     for layer, rate in zip(stack, rates, strict=True):
         if not isinstance(layer, _LayerDropSite):
             layer.__class__ = _site_class(type(layer))

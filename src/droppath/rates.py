@@ -11,7 +11,16 @@ from collections.abc import Callable, Sequence
 
 from droppath._checks import check_choice, check_positive_int, check_probability
 
-__all__ = ["DEPTH_RULES", "DEPTH_RULE_TABLE", "depth_rates", "resolve_rates"]
+__all__ = [
+    "DEFAULT_RULE",
+    "DEPTH_RULES",
+    "DEPTH_RULE_TABLE",
+    "FALLBACK_RULE",
+    "MODEL_RULE",
+    "depth_rates",
+    "positional_rule",
+    "resolve_rates",
+]
 
 
 def _curve(scale: Callable[[int, int], float]) -> Callable[[int, int], float]:
@@ -32,14 +41,34 @@ DEPTH_RULE_TABLE: dict[str, Callable[[int, int], float]] = {
     "sigmoid": _curve(lambda i, m: 1 / (1 + math.exp(-10 * (i / m - 0.5)))),
     "step": lambda i, n: 1.0 if i >= n // 2 else 0.0,
 }
-DEPTH_RULES = tuple(DEPTH_RULE_TABLE)
+# The rule that keeps the profile a model was built with, scaled to the new ``p``; where there is
+# no profile (every rate 0, or none given) it is FALLBACK_RULE. It is every entry point's default.
+MODEL_RULE = "model"
+FALLBACK_RULE = "linspace"
+DEFAULT_RULE = MODEL_RULE
+DEPTH_RULES = (MODEL_RULE, *DEPTH_RULE_TABLE)
 
 
-def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
+def positional_rule(rule: str, profile: Sequence[float] | None) -> str:
+    """The rule of the table that gives the rates: ``rule``, or ``FALLBACK_RULE`` for
+    ``MODEL_RULE`` without a profile (``None``, or every rate 0)."""
+    if rule == MODEL_RULE and (profile is None or max(profile, default=0.0) <= 0.0):
+        return FALLBACK_RULE
+    return rule
+
+
+def depth_rates(
+    n: int, p: float, rule: str = DEFAULT_RULE, *, profile: Sequence[float] | None = None
+) -> list[float]:
     """The drop rate of each of ``n`` blocks, from the input side to the output side.
 
     Rules:
 
+    - ``"model"`` (the default): the rates ``profile`` that the model has now (what it was built
+      with), scaled so that the largest is ``p``: ``profile[l] / max(profile) * p``. A model built
+      with timm's, torchvision's or Hugging Face's ``drop_path_rate`` keeps its library's curve
+      (linspace, EfficientNet's, the same rate everywhere, ...). Without a profile (``None``, or
+      every rate 0: a model built without stochastic depth) it is ``"linspace"``.
     - ``"linear"``: Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016), eq. (4): block
       ``l`` of ``n``, counted from 1, drops with ``p * l / n``; the last block drops with ``p``.
     - ``"linspace"``: what timm and torchvision models compute, ``torch.linspace(0, p, n)``: block
@@ -62,25 +91,46 @@ def depth_rates(n: int, p: float, rule: str = "linear") -> list[float]:
     Args:
         n: the number of blocks, an int >= 0.
         p: the largest rate, in [0, 1].
-        rule: one of the rules above. Default: ``"linear"``.
+        rule: one of the rules above. Default: ``"model"``.
+        profile: for ``"model"``, the rates the ``n`` blocks have now; ignored by the other rules.
+            Default: None.
 
     Examples:
         >>> from droppath import depth_rates
-        >>> depth_rates(4, 0.5)
+        >>> depth_rates(4, 0.5, rule="linear")
         [0.125, 0.25, 0.375, 0.5]
         >>> depth_rates(5, 0.2, rule="linspace")
         [0.0, 0.05, 0.1, 0.15000000000000002, 0.2]
         >>> depth_rates(3, 0.1, rule="uniform")
         [0.1, 0.1, 0.1]
+        >>> depth_rates(3, 0.4, profile=[0.0, 0.1, 0.2])  # the model's curve, scaled to 0.4
+        [0.0, 0.2, 0.4]
+        >>> depth_rates(3, 0.4)  # no profile: linspace
+        [0.0, 0.2, 0.4]
     """
     n = check_positive_int(n, "n", minimum=0)
     p = check_probability(p)
-    fraction = DEPTH_RULE_TABLE[check_choice(rule, "rule", DEPTH_RULES)]
+    check_choice(rule, "rule", DEPTH_RULES)
+    if profile is not None:
+        if isinstance(profile, str) or not isinstance(profile, Sequence) or len(profile) != n:
+            raise ValueError(
+                f"profile must be a sequence of one rate per block ({n}), got {profile!r}"
+            )
+        profile = [check_probability(v, f"profile[{i}]") for i, v in enumerate(profile)]
+    rule = positional_rule(rule, profile)
+    if rule == MODEL_RULE:
+        assert profile is not None  # positional_rule gives FALLBACK_RULE without one
+        top = max(profile)
+        return list(profile) if p == top else [r / top * p for r in profile]
+    fraction = DEPTH_RULE_TABLE[rule]
     return [p * fraction(i, n) for i in range(n)]
 
 
-def resolve_rates(n: int, p: float | Sequence[float], rule: str) -> list[float]:
-    """The rates of ``n`` sites: ``p`` if it is a sequence of ``n`` rates, else by ``rule``."""
+def resolve_rates(
+    n: int, p: float | Sequence[float], rule: str, profile: Sequence[float] | None = None
+) -> list[float]:
+    """The rates of ``n`` sites: ``p`` if it is a sequence of ``n`` rates, else by ``rule`` (with
+    the sites' current rates ``profile`` for ``"model"``)."""
     if isinstance(p, Sequence) and not isinstance(p, str):
         if len(p) != n:
             raise ValueError(
@@ -89,4 +139,4 @@ def resolve_rates(n: int, p: float | Sequence[float], rule: str) -> list[float]:
             )
         check_choice(rule, "rule", DEPTH_RULES)
         return [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
-    return depth_rates(n, p, rule)
+    return depth_rates(n, p, rule, profile=profile)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +20,29 @@ from torch import nn
 from droppath._checks import (
     check_choice,
     check_int,
+    check_model,
     check_positive_int,
     check_probability,
 )
 from droppath.drop import DropPath
-from droppath.layerdrop import SkippedLayer, is_layer_drop_site, layer_output_template
-from droppath.rates import DEPTH_RULES, depth_rates, resolve_rates
+from droppath.layerdrop import (
+    SkippedLayer,
+    find_layer_stack,
+    is_layer_drop_site,
+    layer_output_template,
+)
+from droppath.rates import (
+    DEFAULT_RULE,
+    DEPTH_RULES,
+    MODEL_RULE,
+    depth_rates,
+    positional_rule,
+    resolve_rates,
+)
 from droppath.residual import Residual
 
 __all__ = [
+    "DEFAULT_RULE",
     "DEPTH_RULES",
     "TIME_RULES",
     "TIME_RULE_TABLE",
@@ -137,20 +152,58 @@ def site_positions(model: nn.Module, names: Sequence[str]) -> tuple[list[int], i
     return [index[blocks[name]] for name in names], len(every)
 
 
+def _rate(site: nn.Module) -> float:
+    """The drop rate a site holds now (0 for a timm ``DropPath`` built with ``drop_prob=None``)."""
+    return float(getattr(site, _kind(site) or "p", 0.0) or 0.0)
+
+
+def _is_rates(p: Any) -> bool:
+    return isinstance(p, Sequence) and not isinstance(p, str)
+
+
 def _resolve_rates(
     model: nn.Module, sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
 ) -> list[float]:
-    """One rate per site: ``p`` itself if it is a sequence, else the rate of the site's block."""
+    """One rate per site: ``p`` itself if it is a sequence; by ``"model"``, each site's own rate
+    scaled; else the rate of the site's block."""
     if isinstance(p, Sequence) and not isinstance(p, str):
         return resolve_rates(len(sites), p, rule)
+    profile = [_rate(m) for _, m in sites] if rule == MODEL_RULE else None
+    rule = positional_rule(check_choice(rule, "rule", DEPTH_RULES), profile)
+    if rule == MODEL_RULE:
+        return depth_rates(len(sites), p, rule, profile=profile)
     positions, n = site_positions(model, [name for name, _ in sites])
     rates = depth_rates(n, p, rule)
     return [rates[i] for i in positions]
 
 
-def _rate(site: nn.Module) -> float:
-    """The drop rate a site holds now (0 for a timm ``DropPath`` built with ``drop_prob=None``)."""
-    return float(getattr(site, _kind(site) or "p", 0.0) or 0.0)
+# What droppath looks for in a model, for the message of a call that finds nothing.
+_SEARCHED = (
+    "drop-path modules (droppath's DropPath, Residual and layer-drop layers, timm's DropPath, "
+    "torchvision's StochasticDepth, Hugging Face's *DropPath) and empty drop-path slots "
+    "(attributes drop_path*, stochastic_depth* or stochastic_dropout holding nn.Identity or None)"
+)
+
+
+def check_reaches(model: nn.Module, p: Any, action: str) -> None:
+    """Refuse a ``p`` above 0 that reaches nothing in ``model``, and warn about any other call
+    (``p`` None or 0) that has nothing to act on: a silent no-op would train a model without
+    stochastic depth. ``p`` (None, a rate or a sequence of rates) is checked first."""
+    if p is None:
+        rates = []
+    elif _is_rates(p):
+        rates = [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
+    else:
+        rates = [check_probability(p)]
+    if drop_path_sites(model) or empty_slots(model):
+        return
+    found = (
+        f"{action} found nothing to act on in this {type(model).__name__}: it looked for "
+        f"{_SEARCHED}"
+    )
+    if any(r > 0.0 for r in rates):
+        raise ValueError(f"p={p!r} reaches no drop-path site: {found}")
+    warnings.warn(f"{found}; nothing was changed", UserWarning, stacklevel=3)
 
 
 def _apply(sites: Sequence[tuple[str, nn.Module]], rates: Sequence[float]) -> None:
@@ -178,11 +231,16 @@ def fill_slots(model: nn.Module, names: Sequence[str] | None = None) -> list[str
 
 
 def _fill_where_dropping(model: nn.Module, p: float | Sequence[float], rule: str) -> None:
-    """Fill the empty slots that ``p`` and ``rule`` give a rate above 0."""
-    if isinstance(p, Sequence) and not isinstance(p, str):
+    """Fill the empty slots that ``p`` and ``rule`` give a rate above 0 (none where ``"model"``
+    keeps the profile of a model that has one: its empty slots have rate 0 in it)."""
+    if _is_rates(p):
         return
     p = check_probability(p)
     check_choice(rule, "rule", DEPTH_RULES)
+    if rule == MODEL_RULE:
+        rule = positional_rule(rule, [_rate(m) for _, m in drop_path_sites(model)])
+        if rule == MODEL_RULE:
+            return
     slots = [name for name, _, _ in empty_slots(model)]
     if slots and p > 0.0:
         positions, n = site_positions(model, slots)
@@ -191,22 +249,31 @@ def _fill_where_dropping(model: nn.Module, p: float | Sequence[float], rule: str
 
 
 def set_drop_rates(
-    model: nn.Module, p: float | Sequence[float], rule: str = "linear"
+    model: nn.Module, p: float | Sequence[float], rule: str = DEFAULT_RULE
 ) -> list[tuple[str, float]]:
     """Set the drop rate of every drop-path site of ``model`` by a depth rule.
 
-    Rates go by block, as the libraries compute them: the sites of one block (a ViT block's
-    attention and MLP) share its rate, and a block whose slot is empty (timm and Hugging Face put
-    ``nn.Identity`` or None there when a rate is 0) still counts as a position. Such a slot that
-    gets a rate above 0 receives a ``DropPath`` (no parameters, so ``state_dict()`` keys do not
-    change). With the same ``p``, ``rule="linspace"`` reproduces timm's, torchvision's and
-    Hugging Face's rates, and ``rule="efficientnet"`` EfficientNet's.
+    By default (``rule="model"``) each site keeps its share of the model's current rates, scaled
+    so that the largest is ``p``: a model built with timm's, torchvision's or Hugging Face's
+    ``drop_path_rate`` keeps its library's curve. A model whose rates are all 0 gets
+    ``"linspace"``, what those libraries compute.
+
+    The positional rules go by block, as the libraries compute them: the sites of one block (a
+    ViT block's attention and MLP) share its rate, and a block whose slot is empty (timm and
+    Hugging Face put ``nn.Identity`` or None there when a rate is 0) still counts as a position.
+    Such a slot that gets a rate above 0 receives a ``DropPath`` (no parameters, so
+    ``state_dict()`` keys do not change). With the same ``p``, ``rule="linspace"`` reproduces
+    timm's, torchvision's and Hugging Face's rates, and ``rule="efficientnet"`` EfficientNet's.
+
+    A ``p`` above 0 on a model with no drop-path site and no empty slot raises ``ValueError``;
+    ``p = 0`` there warns.
 
     Args:
-        model: any module; its sites are found by :func:`drop_path_sites`.
+        model: any module (not a traced ``torch.fx.GraphModule``); its sites are found by
+            :func:`drop_path_sites`.
         p: the largest rate for ``rule`` (see :func:`depth_rates`), or an explicit sequence with
             one rate per site (empty slots excluded).
-        rule: a depth rule of :func:`depth_rates`. Default: ``"linear"``.
+        rule: a depth rule of :func:`depth_rates`. Default: ``"model"``.
 
     Returns:
         ``(qualified module name, rate)`` for every site set, in forward order.
@@ -215,11 +282,16 @@ def set_drop_rates(
         >>> from torch import nn
         >>> from droppath import Residual, set_drop_rates
         >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(4)])
-        >>> set_drop_rates(model, 0.2)
+        >>> set_drop_rates(model, 0.3, rule="linear")
+        [('0', 0.075), ('1', 0.15), ('2', 0.22499999999999998), ('3', 0.3)]
+        >>> set_drop_rates(model, 0.2)  # the same profile, up to 0.2
         [('0', 0.05), ('1', 0.1), ('2', 0.15000000000000002), ('3', 0.2)]
         >>> model[3].p
         0.2
     """
+    check_model(model, "set_drop_rates")
+    check_choice(rule, "rule", DEPTH_RULES)
+    check_reaches(model, p, "set_drop_rates")
     _fill_where_dropping(model, p, rule)
     sites = drop_path_sites(model)
     rates = _resolve_rates(model, sites, p, rule)
@@ -261,6 +333,11 @@ def convert(model: nn.Module) -> nn.Module:
           (1): DropPath(p=0.1, mode='row', batch_dim=0, scale_by_keep=True)
         )
     """
+    check_model(model, "convert")
+    return _convert(model)
+
+
+def _convert(model: nn.Module) -> nn.Module:
     root = _replacement(model)
     if root is not None:
         return root.train(model.training)
@@ -269,7 +346,7 @@ def convert(model: nn.Module) -> nn.Module:
         if new is not None:
             setattr(model, name, new.train(child.training))
         else:
-            convert(child)
+            _convert(child)
     return model
 
 
@@ -404,8 +481,10 @@ class DropRateScheduler:
 
     In the style of ``torch.optim.lr_scheduler``: construct it once (it sets the rates of step 0),
     call :meth:`step` once per training iteration, and save :meth:`state_dict` with the checkpoint.
-    The rate of a site of block ``i`` (of ``n``, counted as :func:`set_drop_rates` does) at step
-    ``t`` is ``depth_rates(n, p, depth_rule)[i] * f(t)``, where the time rule ``f`` is one of:
+    The rate of a site at step ``t`` is its base rate times ``f(t)``. The base rates are what
+    :func:`set_drop_rates` gives for ``p`` and ``depth_rule``, read from the model once, at
+    construction: with the default ``"model"`` rule, the model's own profile then, scaled to
+    ``p`` (never the rates the scheduler sets later). The time rule ``f`` is one of:
 
     - ``"constant"``: ``f = 1``, the usual stochastic depth.
     - ``"warmup"`` (``warmup_steps``): ``f = min(1, t / warmup_steps)``, for deep models that do not
@@ -424,10 +503,15 @@ class DropRateScheduler:
       ``p = 1 - theta_bar`` and the ``"linear"`` depth rule this is the paper's
       ``1 - l / L * (1 - theta(t))`` keep probability for layer ``l`` of ``L``.
 
+    The scheduler keeps the sites' names and finds them on the model at each step, so it drives
+    the modules that run even when :func:`droppath.accelerate` or :func:`convert` replaces them
+    after it was built.
+
     Args:
-        model: the model whose sites (see :func:`drop_path_sites`) are scheduled.
+        model: the model whose sites (see :func:`drop_path_sites`) are scheduled; not a traced
+            ``torch.fx.GraphModule``.
         p: the largest rate for the depth rule, or one rate per site.
-        depth_rule: see :func:`depth_rates`. Default: ``"linear"``.
+        depth_rule: see :func:`depth_rates`. Default: ``"model"``.
         time_rule: one of the rules above. Default: ``"constant"``.
         total_steps: the planned number of steps, if known; a rule option that counts steps
             (``warmup_steps``, ``cutoff_step``) must not exceed it. Default: None.
@@ -438,11 +522,11 @@ class DropRateScheduler:
         >>> from droppath import DropRateScheduler, Residual
         >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(2)])
         >>> sched = DropRateScheduler(model, 0.4, time_rule="warmup", warmup_steps=4)
-        >>> sched.get_last_p()
+        >>> sched.get_last_p()  # built with rate 0: linspace, block 0 never drops
         [0.0, 0.0]
         >>> sched.step(); sched.step()
         >>> sched.get_last_p()
-        [0.1, 0.2]
+        [0.0, 0.2]
         >>> model[1].p
         0.2
     """
@@ -452,14 +536,19 @@ class DropRateScheduler:
         model: nn.Module,
         p: float | Sequence[float],
         *,
-        depth_rule: str = "linear",
+        depth_rule: str = DEFAULT_RULE,
         time_rule: str = "constant",
         total_steps: int | None = None,
         **rule_options: Any,
     ) -> None:
+        check_model(model, "DropRateScheduler")
+        check_choice(depth_rule, "depth_rule", DEPTH_RULES)
+        check_reaches(model, p, "DropRateScheduler")
         _fill_where_dropping(model, p, depth_rule)
-        self.sites = drop_path_sites(model)
-        self.base_rates = _resolve_rates(model, self.sites, p, depth_rule)
+        self.model = model
+        sites = drop_path_sites(model)
+        self.site_names = [name for name, _ in sites]
+        self.base_rates = _resolve_rates(model, sites, p, depth_rule)
         self.depth_rule = depth_rule
         self.time_rule = time_rule
         self.options = check_time_options(time_rule, rule_options)
@@ -480,6 +569,25 @@ class DropRateScheduler:
         step = check_positive_int(step, "step", minimum=0)
         factor = TIME_RULE_TABLE[self.time_rule].factor(step, self.options)
         return [rate * factor for rate in self.base_rates]
+
+    @property
+    def sites(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every scheduled site, as the model holds them now."""
+        return [(name, self._site(name)) for name in self.site_names]
+
+    def _site(self, name: str) -> nn.Module:
+        try:
+            module: nn.Module | None = self.model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or _kind(module) is None:
+            now = type(module).__name__ if module is not None else "nothing"
+            raise RuntimeError(
+                f"drop-path site {name!r} of the scheduled {type(self.model).__name__} is gone "
+                f"(the model holds {now} there): build the DropRateScheduler again after "
+                "changing the model's structure (prune, or replacing modules)"
+            )
+        return module
 
     def _update(self) -> None:
         self._last_p = self.rates_at(self.last_step)
@@ -507,10 +615,10 @@ class DropRateScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position: the rates of that step are set on the model again."""
-        if len(state["base_rates"]) != len(self.sites):
+        if len(state["base_rates"]) != len(self.site_names):
             raise ValueError(
                 f"state_dict has {len(state['base_rates'])} rates, the model has "
-                f"{len(self.sites)} drop-path sites"
+                f"{len(self.site_names)} drop-path sites"
             )
         self.base_rates = [float(r) for r in state["base_rates"]]
         self.depth_rule = state["depth_rule"]
@@ -523,7 +631,7 @@ class DropRateScheduler:
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (
-            f"{type(self).__name__}(sites={len(self.sites)}, depth_rule={self.depth_rule!r}, "
+            f"{type(self).__name__}(sites={len(self.site_names)}, depth_rule={self.depth_rule!r}, "
             f"time_rule={self.time_rule!r}{opts}, last_step={self.last_step})"
         )
 
@@ -539,6 +647,40 @@ def _pruned(block: nn.Module) -> nn.Module:
     return SkippedLayer(layer_output_template(block))
 
 
+def _hf_stack(model: nn.Module) -> tuple[str, nn.ModuleList, Any] | None:
+    """The layer stack of a Hugging Face decoder-only model and the config that counts it
+    (``num_hidden_layers`` equal to its length), or None: layers pruned from it are removed from
+    the list and the config, so that ``save_pretrained`` writes a model that loads as pruned."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or getattr(config, "is_encoder_decoder", False):
+        return None
+    try:
+        name, stack = find_layer_stack(model)
+    except ValueError:
+        return None
+    return (name, stack, config) if len(stack) == n else None
+
+
+def _remove_layers(stack: nn.ModuleList, config: Any, removed: set[int]) -> None:
+    """Delete layers ``removed`` from ``stack``, renumber the ``layer_idx`` that the remaining
+    layers (and their attention) index the key/value cache with, and update ``config``: its
+    layer count and each per-layer list (a list attribute with "layer" in its name and one entry
+    per layer, such as ``layer_types``)."""
+    n = len(stack)
+    kept = [i for i in range(n) if i not in removed]
+    for new, old in enumerate(kept):
+        for module in stack[old].modules():
+            if getattr(module, "layer_idx", None) == old:
+                setattr(module, "layer_idx", new)  # noqa: B010 (mypy: not a Module or Tensor)
+    for i in sorted(removed, reverse=True):
+        del stack[i]
+    for key, value in list(vars(config).items()):
+        if "layer" in key and isinstance(value, list | tuple) and len(value) == n:
+            setattr(config, key, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = len(kept)
+
+
 def prune(model: nn.Module, k: int) -> dict[str, Any]:
     """Remove for good the ``k`` ``Residual`` blocks or layer-drop layers with the highest rate.
 
@@ -547,24 +689,34 @@ def prune(model: nn.Module, k: int) -> dict[str, Any]:
     with stochastic depth keeps working, cheaper, at inference (Fan et al., "Reducing Transformer
     Depth on Demand with Structured Dropout", ICLR 2020). Ties go to the deeper block.
 
+    Layers of a Hugging Face decoder-only model (the stack :func:`droppath.layer_drop` finds,
+    counted by ``config.num_hidden_layers``) are deleted from their ``nn.ModuleList`` instead: the
+    remaining layers are renumbered (state-dict keys and the ``layer_idx`` of the key/value cache),
+    and the config's layer count and per-layer lists (``layer_types``, ...) follow, so that
+    ``save_pretrained`` writes the pruned model and ``from_pretrained`` loads it back as it is.
+    Only droppath's ``Residual`` blocks and layer-drop layers can be pruned: drop paths inside
+    other blocks (timm's, or those :func:`droppath.accelerate` runs) cannot.
+
     Args:
         model: a model containing ``droppath.Residual`` blocks or layer-drop sites; changed in
             place.
         k: how many blocks to remove, from 0 to the number of blocks.
 
     Returns:
-        ``{"blocks_removed": [names], "parameters_removed": int, "parameters_left": int}``.
+        ``{"blocks_removed": [names], "parameters_removed": int, "parameters_left": int}``, the
+        names as they were before the call.
 
     Examples:
         >>> from torch import nn
         >>> from droppath import Residual, prune, set_drop_rates
         >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(4)])
-        >>> _ = set_drop_rates(model, 0.5)
+        >>> _ = set_drop_rates(model, 0.5, rule="linear")
         >>> prune(model, 2)
         {'blocks_removed': ['3', '2'], 'parameters_removed': 40, 'parameters_left': 40}
         >>> model[3]
         Identity()
     """
+    check_model(model, "prune")
     blocks = [
         (name, m)
         for name, m in model.named_modules()
@@ -572,16 +724,31 @@ def prune(model: nn.Module, k: int) -> dict[str, Any]:
     ]
     k = check_positive_int(k, "k", minimum=0)
     if k > len(blocks):
+        if not blocks:
+            others = sorted({type(m).__name__ for _, m in drop_path_sites(model)})
+            has = f"drop-path modules ({', '.join(others)}) inside its blocks" if others else "none"
+            raise ValueError(
+                f"k must be 0 for this {type(model).__name__}, got {k}: prune removes only "
+                f"droppath Residual blocks and layer-drop layers (layer_drop), and it has "
+                f"neither (it has {has})"
+            )
         raise ValueError(f"k must be in [0, {len(blocks)}] for this model, got {k}")
     order = sorted(range(len(blocks)), key=lambda i: (-blocks[i][1].p, -i))
     before = _count(model)
+    hf = _hf_stack(model)
+    from_stack: set[int] = set()
     removed = []
     for i in order[:k]:
         name, block = blocks[i]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, _pruned(block))
+        if hf is not None and parent is hf[1]:
+            from_stack.add(int(attr))
+        else:
+            setattr(parent, attr, _pruned(block))
         removed.append(name)
+    if hf is not None and from_stack:
+        _remove_layers(hf[1], hf[2], from_stack)
     after = _count(model)
     return {
         "blocks_removed": removed,

@@ -1,6 +1,7 @@
 """Layer drop on real Hugging Face causal LMs (tiny configs, random weights, no downloads)."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from conftest import binom_pvalue, require, run_two_processes
 from droppath import DropRateScheduler, layer_drop, prune, set_drop_rates
 
 
-def _llama(layers=4, seed=0):
+# The models train with use_cache=False, as layer_drop's docs say: a layer handed a key/value cache
+# runs for every sample. The tests of that pass use_cache=True.
+def _llama(layers=4, seed=0, use_cache=False):
     tf = require("transformers")
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(
@@ -21,11 +24,12 @@ def _llama(layers=4, seed=0):
         num_key_value_heads=4,
         max_position_embeddings=64,
         pad_token_id=0,
+        use_cache=use_cache,
     )
     return tf.LlamaForCausalLM(cfg)
 
 
-def _gpt2(seed=0):
+def _gpt2(seed=0, use_cache=False):
     tf = require("transformers")
     torch.manual_seed(seed)
     cfg = tf.GPT2Config(
@@ -40,6 +44,7 @@ def _gpt2(seed=0):
         resid_pdrop=0.0,  # no dropout: train mode is deterministic
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        use_cache=use_cache,
     )
     return tf.GPT2LMHeadModel(cfg)
 
@@ -237,6 +242,103 @@ def test_short_finetune_loss_decreases():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
+
+
+def _layers(model):
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_generate_in_train_mode_is_the_plain_models(make):
+    model, plain = _pair(lambda: make(use_cache=True))
+    layer_drop(model, 0.5)
+    model.train(), plain.train()  # no dropout in these configs: train mode is deterministic
+    ids, mask = _batch(n=6)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="given a key/value cache in training"):
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, plain.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_a_training_forward_with_a_cache_fills_it_for_the_whole_batch(make):
+    model = make(use_cache=True)
+    layer_drop(model, 0.9, "uniform")
+    model.train()
+    ids, mask = _batch(n=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(ids, attention_mask=mask, use_cache=True)
+    assert [layer.keys.shape[0] for layer in out.cache.layers] == [6] * len(_layers(model))
+    assert any("use_cache=False" in str(w.message) for w in caught)  # said once, not silently
+    calls = []  # and without the cache, the layers drop
+    _layers(model)[-1].mlp.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    for _ in range(5):
+        model(ids, attention_mask=mask, use_cache=False)
+    assert sum(calls) < 15
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_prune_then_save_pretrained_reloads_the_pruned_model(tmp_path, arch):
+    tf = require("transformers")
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=4, n_head=4, n_positions=64, pad_token_id=0
+        )
+        model = tf.GPT2LMHeadModel(cfg)
+    else:  # a per-layer list in the config: layer_types
+        cfg = tf.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=4, max_window_layers=2
+        )
+        model = tf.Qwen2ForCausalLM(cfg)
+    types = getattr(model.config, "layer_types", None)
+    layer_drop(model, [0.1, 0.5, 0.2, 0.4])
+    stack, name = _layers(model), "transformer.h" if arch == "gpt2" else "model.layers"
+    kept = [stack[i] for i in (0, 2)]
+    report = prune(model, 2)
+    assert report["blocks_removed"] == [f"{name}.1", f"{name}.3"]
+    assert list(stack) == kept and model.config.num_hidden_layers == 2
+    indices = [
+        {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+        for layer in stack
+    ]
+    assert indices == [{0}, {1}]  # the key/value cache's layer indices, renumbered
+    if types is not None:
+        assert model.config.layer_types == [types[0], types[2]]
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert len(_layers(loaded)) == 2
+    model.eval(), loaded.eval()
+    ids, mask = _batch(n=4)
+    with torch.no_grad():
+        assert torch.equal(
+            model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits
+        )
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), loaded.generate(ids, **kw))
+
+
+def test_layer_names_are_checked_on_a_real_model():
+    model = _llama()
+    with pytest.raises(
+        ValueError,
+        match=r"got 'model.nope', which names no submodule of this LlamaForCausalLM; its "
+        r"nn.ModuleLists are 'model.layers'",
+    ):
+        layer_drop(model, 0.2, layers="model.nope")
 
 
 def test_bad_model():

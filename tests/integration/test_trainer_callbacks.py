@@ -1,5 +1,6 @@
 """DropRateCallback with the real PyTorch Lightning Trainer and Hugging Face Trainer."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -129,3 +130,60 @@ def test_transformers_trainer_steps_logs_and_resumes(tmp_path):
         resume_from_checkpoint=str(tmp_path / "checkpoint-4")
     )
     assert resumed.seen == [expected[k] for k in (4, 4, 5, 5)]
+
+
+def test_lightning_module_that_converts_its_model_after_the_callback_started(tmp_path):
+    # The callback builds its scheduler in on_fit_start, before the module's own on_fit_start,
+    # where this module swaps timm's drop paths for droppath's (accelerate does the same).
+    pl = require("lightning.pytorch")
+    timm_layers = require("timm.layers")
+    from droppath import convert, drop_path_sites
+    from droppath.integrations.lightning import DropRateCallback
+
+    class Block(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.fc, self.drop_path = nn.Linear(8, 8), timm_layers.DropPath(p)
+
+        def forward(self, x):
+            return x + self.drop_path(self.fc(x))
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Linear(4, 8), *[Block(p) for p in (0.1, 0.2)], nn.Linear(8, 1)
+            )
+            self.seen = []
+
+        def on_fit_start(self):
+            convert(self.net)
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append([s.p for _, s in drop_path_sites(self.net)])
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+            return torch.utils.data.DataLoader(data, batch_size=4)
+
+    module, callback = Module(), DropRateCallback(0.4, time_rule="warmup", warmup_steps=2)
+    pl.Trainer(
+        max_steps=3,
+        logger=pl.loggers.CSVLogger(tmp_path, name="logs"),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[callback],
+    ).fit(module)
+    assert module.seen == [[0.0, 0.0], [0.1, 0.2], [0.2, 0.4]]  # the profile 1:2, warmed up
+    rows = next((tmp_path / "logs").rglob("metrics.csv")).read_text().splitlines()
+    column = rows[0].split(",").index("drop_rate/net.2.drop_path")
+    logged = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert logged == pytest.approx([0.0, 0.2, 0.4])

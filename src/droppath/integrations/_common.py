@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from droppath.schedules import DropRateScheduler
+from droppath.schedules import DropRateScheduler, _rate
 
 
 class ScheduleAtStep:
@@ -22,16 +22,21 @@ class ScheduleAtStep:
         self.scheduler: DropRateScheduler | None = None
 
     def start(self, model: nn.Module) -> DropRateScheduler:
-        """Build the scheduler for ``model`` (checks the arguments: errors come at train start)."""
-        self.scheduler = DropRateScheduler(model, self.p, **self.options)
+        """Build the scheduler for ``model`` (checks the arguments: errors come at train start).
+
+        A second start on the same model (another ``fit`` call) keeps the scheduler: its base
+        rates were read from the model as it was built, not from rates the schedule set since.
+        """
+        if self.scheduler is None or self.scheduler.model is not model:
+            self.scheduler = DropRateScheduler(model, self.p, **self.options)
         return self.scheduler
 
     def at(self, step: int) -> dict[str, float]:
-        """Set the rates of ``step``; return them by site name, for the trainer's logger."""
+        """Set the rates of ``step``; return the rates the model's sites hold then (looked up by
+        name, so the modules that run, whatever replaced them), for the trainer's logger."""
         if self.scheduler is None:
             raise RuntimeError("the drop-rate schedule has not started: training has not begun")
         sched = self.scheduler
         if step != sched.last_step:
             sched.load_state_dict({**sched.state_dict(), "last_step": step})
-        names = [name for name, _ in sched.sites]
-        return {f"drop_rate/{n}": r for n, r in zip(names, sched.get_last_p(), strict=True)}
+        return {f"drop_rate/{name}": _rate(site) for name, site in sched.sites}
