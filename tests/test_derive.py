@@ -306,22 +306,75 @@ def test_sites_of_droppath_timm_and_torchvision_style():
 
 
 def test_a_branch_whose_work_cannot_move_stays_on_the_mask_and_is_reported():
-    class WeightsOut(_Base):
-        def forward(self, x):
-            h = self.fc(self.norm(x))  # read again below: cannot move after the decision
-            x = x + self.drop_path(h)
-            return x + self.drop_path(self.fc2(x)), h
-
-    block = _stack(WeightsOut, 0.5)
-    report = accelerate(block)
-    # one site, called twice: one call skips work, the other cannot, so the site is reported
-    assert report[0].runs == "mask"
-    assert "nothing to skip" in report[0].reason
-
-    class OnlyWeights(_Base):
+    class Trivial(_Base):
         def forward(self, x):
             h = self.fc(self.norm(x))
-            return x + self.drop_path(h), h
+            x = x + self.drop_path(h)  # h is computed for every sample first, then read again
+            return x + self.drop_path(h)
 
-    row = accelerate(_stack(OnlyWeights, 0.5))[0]
+    row = accelerate(_stack(Trivial, 0.5))[0]
     assert row.runs == "mask" and row.reason.endswith("nothing to skip")
+
+
+def test_per_sample_values_read_after_the_site_fail_the_check():
+    class WeightsOut(_Base):
+        def forward(self, x):
+            h = self.fc(self.norm(x))  # the branch's work, returned too: rows of dropped samples
+            x = x + self.drop_path(h)
+            return x, h
+
+    block = _stack(WeightsOut, 0.5)
+    assert accelerate(block)[0].runs == "row subset"
+    with pytest.warns(UserWarning, match="stays on the mask .verify: the derived forward raised"):
+        block.train()(torch.randn(8, D))
+    x, h = block(torch.randn(8, D))  # the original forward
+    assert h.shape == (8, D)
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x, output_attentions=False):
+        h = self.fc(x)
+        return (h, h.softmax(-1)) if output_attentions else (h,)
+
+
+class OutputsTuple(_Base):
+    """Hugging Face 4.x layers: the attention returns a tuple whose tail (attention weights when
+    asked for) the layer returns after the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _Attn()
+
+    def forward(self, x, output_attentions=False):
+        outputs = self.attn(self.norm(x), output_attentions=output_attentions)
+        h = outputs[0]
+        extra = outputs[1:]
+        h = self.drop_path(h)
+        x = h + x
+        return (x, *extra)
+
+
+def test_values_read_after_the_site_come_back_beside_the_output():
+    block = _stack(OutputsTuple, 0.5)
+    assert "extra = __droppath_out_0" not in block._droppath_derived.source
+    assert "__droppath_out_0, extra = __droppath_rows(" in block._droppath_derived.source
+    block.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            (y,) = block(torch.randn(16, 5, D))
+            y.sum().backward()
+    assert block.__dict__["_droppath_verified"] is True
+    seen = []
+    block.attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    block(torch.randn(16, 5, D))
+    assert seen and seen[0] < 16  # the attention ran on the kept samples only
+    # attention weights of dropped samples do not exist: asked for in training, a clear error
+    with pytest.raises(RuntimeError, match="output_attentions=False"):
+        for _ in range(20):  # until a step keeps some samples and drops others
+            block(torch.randn(16, 5, D), output_attentions=True)
+    assert len(block.eval()(torch.randn(4, 5, D), output_attentions=True)) == 2

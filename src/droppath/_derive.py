@@ -227,6 +227,10 @@ def _calls_in(node: ast.AST, sites: Collection[str]) -> list[ast.Call]:
 
 # --- the rewrite ---------------------------------------------------------------------------------
 
+# A site's plan: the branch expression, the statements moved into the branch, the names the branch
+# reads from outside, and those it assigns that are read after it (returned beside its output).
+_Plan = tuple[ast.expr, list[ast.stmt], set[str], list[str]]
+
 
 @dataclass
 class _Branch:
@@ -279,7 +283,7 @@ class _Rewriter:
             elif isinstance(stmt, ast.Assign | ast.AugAssign | ast.Return | ast.Expr):
                 new, moved = self._simple(out, stmt, rest)
                 out[:] = [s for s in out if not any(s is m for m in moved)]
-                out.append(new)
+                out.extend(new)
             else:
                 raise DeriveError(
                     "rewrite", f"a site is called in a {type(stmt).__name__} statement"
@@ -315,7 +319,7 @@ class _Rewriter:
         body = [s for s in stmt.body[:q] if not any(s is m for m in moved)]
         new_if = ast.If(
             test=stmt.test,
-            body=[*body, new, *self.block(stmt.body[q + 1 :], rest)],
+            body=[*body, *new, *self.block(stmt.body[q + 1 :], rest)],
             orelse=[*moved_outer, *self.block(stmt.orelse, rest)],
         )
         kept = [s for s in before if not any(s is m for m in moved_outer)]
@@ -326,7 +330,7 @@ class _Rewriter:
         before: list[ast.stmt],
         stmt: ast.stmt,
         rest: list[list[ast.stmt]],
-    ) -> tuple[ast.expr, list[ast.stmt], set[str]] | None:
+    ) -> _Plan | None:
         """For a statement with one site term: its base reads, the statements to move into the
         branch (in order) and the names the branch reads from outside. None: no term."""
         term = self._term(stmt)
@@ -335,25 +339,66 @@ class _Rewriter:
         _, expr, base = term
         base_reads = _loads(base) if base is not None else set()
         needed = _loads(expr) - {"self"}
-        region: list[ast.stmt] = []
-        skipped: list[ast.stmt] = []
-        for prev in reversed(before):
-            assigned, reads = _effects(prev)
+        chosen: set[int] = set()
+        skipped: list[int] = []
+        for j in reversed(range(len(before))):
+            assigned, reads = _effects(before[j])
             if not (assigned & needed):
-                skipped.append(prev)
+                skipped.append(j)
                 continue
-            if assigned & base_reads or _escapes(prev) or _has_site(prev, self.sites):
+            if not self._movable(before[j], base_reads):
                 break
-            # the statements left in place after ``prev`` must neither read what it assigns
-            # nor change what it reads
-            if any((assigned & _effects(s)[1]) or (reads & _effects(s)[0]) for s in skipped):
+            # a statement left in place after this one must neither read what it assigns nor
+            # change what it reads: it moves into the branch too, or the branch stops here
+            absorbed = self._absorb(before, j, skipped, base_reads)
+            if absorbed is None:
                 break
-            region.insert(0, prev)
-            needed = (needed - _full_assigns(prev)) | (reads - {"self"})
+            chosen |= {j, *absorbed}
+            skipped = [k for k in skipped if k not in absorbed]
+            needed = (needed - _full_assigns(before[j])) | (reads - {"self"})
+            for k in absorbed:
+                needed |= _effects(before[k])[1] - {"self"}
+        region = [before[j] for j in sorted(chosen)]
+        inner = _sequence(region, set())[1] | (_loads(expr) - _sure(region))
+        needed = inner - {"self"}
         region_assigns = set().union(*(_effects(s)[0] for s in region)) if region else set()
-        if region_assigns and _read_later(region_assigns, stmt, expr, rest):
-            return None
-        return expr, region, needed & self.locals
+        # what the moved statements compute and the rest of the forward reads (attention
+        # weights, say) the branch returns beside its output
+        live = sorted(_read_later(region_assigns, stmt, expr, rest)) if region_assigns else []
+        return expr, region, needed & self.locals, live
+
+    def _movable(self, stmt: ast.stmt, base_reads: set[str]) -> bool:
+        assigned = _effects(stmt)[0]
+        return not (assigned & base_reads or _escapes(stmt) or _has_site(stmt, self.sites))
+
+    def _absorb(
+        self, before: list[ast.stmt], j: int, skipped: list[int], base_reads: set[str]
+    ) -> set[int] | None:
+        """The statements left in place after ``before[j]`` that must move with it into the
+        branch (they read what it assigns, or change what it reads), transitively; None if one
+        of them cannot move."""
+        moving = {j}
+        changed = True
+        while changed:
+            changed = False
+            for k in skipped:
+                if k in moving:
+                    continue
+                a, r = _effects(before[k])
+                clash = any(
+                    (_effects(before[m])[0] & r and m < k) or (_effects(before[m])[1] & a and m < k)
+                    for m in moving
+                )
+                if clash:
+                    if not self._movable(before[k], base_reads):
+                        return None
+                    # what it reads must not change between it and the site
+                    later = [before[i] for i in skipped if i > k and i not in moving]
+                    if any(_effects(t)[0] & r for t in later):
+                        return None
+                    moving.add(k)
+                    changed = True
+        return moving - {j}
 
     def _term(self, stmt: ast.stmt) -> tuple[str, ast.expr, ast.expr | None] | None:
         """The one site term of a simple statement: ``(site, branch expression, base)``; base
@@ -379,9 +424,10 @@ class _Rewriter:
         before: list[ast.stmt],
         stmt: ast.stmt,
         rest: list[list[ast.stmt]],
-        plan: tuple[ast.expr, list[ast.stmt], set[str]] | None = None,
-    ) -> tuple[ast.stmt, list[ast.stmt]]:
-        """A simple statement with its site terms rewritten, and the statements moved."""
+        plan: _Plan | None = None,
+    ) -> tuple[list[ast.stmt], list[ast.stmt]]:
+        """A simple statement with its site terms rewritten (after the binding of what its branch
+        returns beside its output, if anything), and the statements moved."""
         calls = _calls_in(stmt, self.sites)
         moved: list[ast.stmt] = []
         if len(calls) == 1:
@@ -396,19 +442,19 @@ class _Rewriter:
                 load = _as_load(stmt.target)
                 call = transformer.emit(term[0], term[1], load, branch_first=True)
                 if call is None:
-                    return stmt, moved
+                    return [stmt], moved
                 new: ast.stmt = ast.Assign(targets=[stmt.target], value=call)
-                return ast.fix_missing_locations(new), moved
+                return [*transformer.pre, ast.fix_missing_locations(new)], moved
         new = transformer.visit(stmt)
         if transformer.count != len(calls):
             raise DeriveError("rewrite", "a site call nested in another site's branch")
-        return new, moved
+        return [*transformer.pre, new], moved
 
     def _shape_statements(
         self,
         before: list[ast.stmt],
         moved: list[ast.stmt],
-        plan: tuple[ast.expr, list[ast.stmt], set[str]] | None,
+        plan: _Plan | None,
     ) -> list[tuple[ast.stmt, str | None]]:
         """Statements before the branch that read sizes off a tensor (``B, N, C = x.shape``)
         whose names the branch reads. Each runs again in the branch, on the kept rows, when what
@@ -463,6 +509,13 @@ def _is_shape(value: ast.expr) -> bool:
     return False
 
 
+def _sure(stmts: list[ast.stmt]) -> set[str]:
+    out: set[str] = set()
+    for s in stmts:
+        out |= _full_assigns(s)
+    return out
+
+
 def _full_assigns(stmt: ast.stmt) -> set[str]:
     """Names a statement surely replaces (plain assignments at its top level)."""
     if isinstance(stmt, ast.Assign):
@@ -481,28 +534,25 @@ def _full_assigns(stmt: ast.stmt) -> set[str]:
 
 def _read_later(
     names: set[str], stmt: ast.stmt, expr: ast.expr, rest: list[list[ast.stmt]]
-) -> bool:
-    """Whether any of ``names`` is read after the branch, before being assigned again."""
+) -> set[str]:
+    """Which of ``names`` are read after the branch, before being assigned again."""
     live = set(names)
     # the site statement itself, outside the branch expression
+    inside = {id(m) for m in ast.walk(expr)}
     outside = {
         n.id
         for n in ast.walk(stmt)
-        if isinstance(n, ast.Name)
-        and isinstance(n.ctx, ast.Load)
-        and not any(n is m for m in ast.walk(expr))
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in inside
     }
-    if live & outside:
-        return True
+    found = live & outside
     live -= _full_assigns(stmt)
     for stmts in rest:
         for s in stmts:
             if not live:
-                return False
-            if live & _effects(s)[1]:
-                return True
+                return found
+            found |= live & _effects(s)[1]
             live -= _full_assigns(s)
-    return False
+    return found
 
 
 def _as_load(target: ast.expr) -> ast.expr:
@@ -517,15 +567,16 @@ class _Terms(ast.NodeTransformer):
         self,
         rewriter: _Rewriter,
         moved: list[ast.stmt],
-        plan: tuple[ast.expr, list[ast.stmt], set[str]] | None,
+        plan: _Plan | None,
         shapes: list[tuple[ast.stmt, str | None]],
     ) -> None:
         self.rewriter, self.moved, self.plan, self.shapes = rewriter, moved, plan, shapes
         self.count = 0
+        self.pre: list[ast.stmt] = []  # binds what a branch returns beside its output
 
     def emit(
         self, site: str, expr: ast.expr, base: ast.expr | None, branch_first: bool = False
-    ) -> ast.Call | None:
+    ) -> ast.expr | None:
         """The op call for a site term, or None when rewriting it would skip no work."""
         r = self.rewriter
         name = f"__droppath_branch_{len(r.branches)}"
@@ -560,19 +611,33 @@ class _Terms(ast.NodeTransformer):
             # site stays as it is (the mask), and the report says so
             r.kept.add(site)
             return None
-        r.branches.append(_Branch(name, ["self", *params], body, expr))
+        live = self.plan[3] if self.plan is not None and self.count == 1 else []
+        value = (
+            expr
+            if not live
+            else ast.Tuple([expr, *(ast.Name(n, ast.Load()) for n in live)], ast.Load())
+        )
+        r.branches.append(_Branch(name, ["self", *params], body, value))
         r.rewritten.add(site)
         args = ast.Tuple(elts=[ast.Name(p, ast.Load()) for p in params], ctx=ast.Load())
         self_ = ast.Name("self", ast.Load())
         fn = ast.Name(name, ast.Load())
         site_name = ast.Constant(site)
         if base is None:
-            return ast.Call(ast.Name(_ROWS, ast.Load()), [self_, site_name, fn, args], [])
-        return ast.Call(
-            ast.Name(_ADD, ast.Load()),
-            [self_, site_name, base, fn, args, ast.Constant(branch_first)],
-            [],
-        )
+            call = ast.Call(ast.Name(_ROWS, ast.Load()), [self_, site_name, fn, args], [])
+        else:
+            call = ast.Call(
+                ast.Name(_ADD, ast.Load()),
+                [self_, site_name, base, fn, args, ast.Constant(branch_first)],
+                [],
+            )
+        if not live:
+            return call
+        call.keywords = [ast.keyword("sides", ast.Constant(len(live)))]
+        out = f"__droppath_out_{len(r.branches) - 1}"
+        names: list[ast.expr] = [ast.Name(n, ast.Store()) for n in (out, *live)]
+        self.pre.append(ast.Assign(targets=[ast.Tuple(names, ast.Store())], value=call))
+        return ast.Name(out, ast.Load())
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
         if isinstance(node.op, ast.Add):
@@ -699,7 +764,7 @@ def derive(cls: type, sites: Collection[str]) -> Derived:
     filename = f"<droppath derived {cls.__module__}.{cls.__qualname__}.forward>"
     try:
         code = compile(module, filename, "exec")
-    except (SyntaxError, ValueError) as error:
+    except (SyntaxError, ValueError, TypeError) as error:
         raise DeriveError("rewrite", f"the generated code does not compile ({error})") from None
     factory_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
     make = types.FunctionType(factory_code, fn.__globals__)

@@ -61,13 +61,27 @@ class _Gathered:
     compiles once for every batch size. Its ``parameters()`` are the block's, which get zero
     gradients under DDP when every sample is dropped."""
 
-    __slots__ = ("args", "block", "fn", "ref")
+    __slots__ = ("args", "block", "fn", "ref", "sides")
 
-    def __init__(self, fn: BranchFn, block: nn.Module, args: tuple[Any, ...], ref: Tensor) -> None:
+    def __init__(
+        self,
+        fn: BranchFn,
+        block: nn.Module,
+        args: tuple[Any, ...],
+        ref: Tensor,
+        sides: list[Any] | None = None,
+    ) -> None:
         self.fn, self.block, self.args, self.ref = fn, block, args, ref
+        # with a list: the branch returns (output, *values the forward reads after the site),
+        # and the values are kept here
+        self.sides = sides
 
     def __call__(self, x: Tensor | None) -> Tensor:
-        return self.fn(self.block, *[x if a is _BASE else a for a in self.args])
+        out = self.fn(self.block, *[x if a is _BASE else a for a in self.args])
+        if self.sides is None:
+            return out
+        self.sides[:] = out[1:]
+        return out[0]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.block.parameters()
@@ -77,14 +91,44 @@ class _Gathered:
 
 
 @_eager
-def _branch(fn: BranchFn, block: nn.Module, args: tuple[Any, ...], base: Any) -> _Gathered:
+def _branch(
+    fn: BranchFn, block: nn.Module, args: tuple[Any, ...], base: Any, sides: int
+) -> _Gathered:
     """The branch of a sum into ``base`` (or, with ``base`` None, of a zero-filled output)."""
+    holder: list[Any] | None = [] if sides else None
     if base is not None:
-        return _Gathered(fn, block, tuple(_BASE if a is base else a for a in args), base)
+        return _Gathered(fn, block, tuple(_BASE if a is base else a for a in args), base, holder)
     ref = _reference(args, 0)
     if ref is None:
         raise RuntimeError("droppath: a derived branch has no tensor input to take rows from")
-    return _Gathered(fn, block, args, ref)
+    return _Gathered(fn, block, args, ref, holder)
+
+
+@_eager
+def _with_sides(branch: _Gathered, out: Tensor, dim: int, n: int) -> tuple[Any, ...]:
+    """``(out, *the values the branch returned beside it)``. They must not hold one row per
+    sample run: the dropped samples' rows do not exist (attention weights, say)."""
+    if branch.sides is None:
+        return (out,)
+    if not branch.sides:  # the branch never ran (every sample dropped): run it on two rows
+        with torch.no_grad():
+            branch.at_rows(torch.arange(min(2, n), device=branch.ref.device), dim)(None)
+    for value in _leaves(branch.sides):
+        if isinstance(value, Tensor) and value.dim() > dim and value.shape[dim] != n:
+            raise RuntimeError(
+                "droppath.accelerate: this block returns values computed in a skipped branch "
+                "for each sample (attention weights, say); in training, call it without asking "
+                "for them (e.g. output_attentions=False)"
+            )
+    return (out, *branch.sides)
+
+
+def _leaves(obj: Any) -> list[Any]:
+    if isinstance(obj, tuple | list):
+        return [leaf for o in obj for leaf in _leaves(o)]
+    if isinstance(obj, dict):
+        return [leaf for o in obj.values() for leaf in _leaves(o)]
+    return [obj]
 
 
 @_eager
@@ -92,7 +136,7 @@ def _at_rows(branch: _Gathered, run: Tensor, dim: int) -> _Gathered:
     n = int(branch.ref.shape[dim])
     min_dims = int(branch.block.__dict__.get(GATHER, 3))
     args = tuple(a if a is _BASE else _gather(a, run, n, dim, min_dims) for a in branch.args)
-    return _Gathered(branch.fn, branch.block, args, branch.ref)
+    return _Gathered(branch.fn, branch.block, args, branch.ref, branch.sides)
 
 
 def _reference(args: tuple[Any, ...], dim: int) -> Tensor | None:
@@ -111,15 +155,24 @@ def add(
     fn: BranchFn,
     args: tuple[Any, ...],
     branch_first: bool,
-) -> Tensor:
-    """``base + block.<site>(fn(block, *args))``, the dropped work skipped."""
+    sides: int = 0,
+) -> Any:
+    """``base + block.<site>(fn(block, *args))``, the dropped work skipped. With ``sides``, the
+    branch returns that many values beside its output, which come back after the sum."""
     drop = getattr(block, site)
-    branch = _branch(fn, block, args, base)
+    branch = _branch(fn, block, args, base, sides)
+    dim = int(getattr(drop, "batch_dim", 0)) % base.dim()
     if isinstance(drop, ForcedDrop):
-        return drop.add(base, branch, branch_first)
-    if not drop.training:
-        out = branch(base)
-        return out + base if branch_first else base + out
+        out = drop.add(base, branch, branch_first)
+    elif not drop.training:
+        y = branch(base)
+        out = y + base if branch_first else base + y
+    else:
+        out = _training_add(drop, base, branch, branch_first)
+    return out if not sides else _with_sides(branch, out, dim, base.shape[dim])
+
+
+def _training_add(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool) -> Tensor:
     # drop_add_residual's training step, called directly: this frame runs on the host
     return _skipping_add(
         base,
@@ -140,10 +193,19 @@ _SHAPES = "_droppath_shapes"
 
 
 @_host_side
-def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...]) -> Tensor:
-    """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros."""
+def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], sides: int = 0) -> Any:
+    """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros; with
+    ``sides``, followed by the values the branch returns beside its output."""
     drop = getattr(block, site)
-    branch = _branch(fn, block, args, None)
+    branch = _branch(fn, block, args, None, sides)
+    out = _rows(drop, block, site, branch)
+    if not sides:
+        return out
+    dim = int(getattr(drop, "batch_dim", 0)) % branch.ref.dim()
+    return _with_sides(branch, out, dim, branch.ref.shape[dim])
+
+
+def _rows(drop: Any, block: nn.Module, site: str, branch: _Gathered) -> Tensor:
     if isinstance(drop, ForcedDrop):
         return drop.rows(branch)
     p = float(drop.p)
