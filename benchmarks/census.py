@@ -83,7 +83,7 @@ def _same(a: nn.Module, b: nn.Module, x: Any, train: bool) -> bool:
 def _branches_at_rate_one(model: nn.Module, x: Any) -> int:
     """How many times a derived branch runs with grad in a training step at rate 1."""
     calls = [0]
-    originals = ops._Gathered.__call__, ops._AtRows.__call__
+    original = ops._Gathered.__call__
 
     def counting(fn: Any) -> Any:
         def call(self: Any, *args: Any) -> Any:
@@ -92,13 +92,12 @@ def _branches_at_rate_one(model: nn.Module, x: Any) -> int:
 
         return call
 
-    ops._Gathered.__call__ = counting(originals[0])  # type: ignore[method-assign]
-    ops._AtRows.__call__ = counting(originals[1])  # type: ignore[method-assign]
+    ops._Gathered.__call__ = counting(original)  # type: ignore[method-assign]
     try:
         set_drop_rates(model, 1.0, "uniform")
         _step(model, x)
     finally:
-        ops._Gathered.__call__, ops._AtRows.__call__ = originals  # type: ignore[method-assign]
+        ops._Gathered.__call__ = original  # type: ignore[method-assign]
     return calls[0]
 
 

@@ -215,9 +215,8 @@ def _site_term(node: ast.AST, sites: Collection[str]) -> tuple[str, ast.expr] | 
 
 def _has_site(stmt: ast.stmt, sites: Collection[str]) -> bool:
     """Whether a statement calls a site, or an op a site was rewritten into."""
-    names = {_ADD, _ROWS}
     return bool(_calls_in(stmt, sites)) or any(
-        isinstance(n, ast.Name) and n.id in names for n in ast.walk(stmt)
+        isinstance(n, ast.Name) and n.id.startswith("__droppath_") for n in ast.walk(stmt)
     )
 
 
@@ -259,7 +258,7 @@ class _Rewriter:
     def block(self, stmts: list[ast.stmt], after: list[list[ast.stmt]]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
         i = 0
-        stmts = list(stmts)
+        stmts = self._fold(list(stmts), after)
         while i < len(stmts):
             stmt = stmts[i]
             rest = [stmts[i + 1 :], *after]
@@ -289,6 +288,59 @@ class _Rewriter:
                     "rewrite", f"a site is called in a {type(stmt).__name__} statement"
                 )
             i += 1
+        return out
+
+    def _fold(self, stmts: list[ast.stmt], after: list[list[ast.stmt]]) -> list[ast.stmt]:
+        """``v = self.drop_path(e); ...; y = v + s`` (or ``v += s``, ``s + v``), where nothing
+        between reads ``v`` and nothing after the sum does: the site moves to the sum,
+        ``v = e; ...; y = self.drop_path(v) + s``, so that it runs as a residual sum."""
+        out = list(stmts)
+        for i, stmt in enumerate(out):
+            if not (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and _site_call(stmt.value, self.sites)
+            ):
+                continue
+            v = stmt.targets[0].id
+            call = stmt.value
+            assert isinstance(call, ast.Call)
+            j = next((k for k in range(i + 1, len(out)) if v in _effects(out[k])[1]), None)
+            if j is None:
+                continue
+            target = out[j]
+            rest = [out[j + 1 :], *after]
+            if isinstance(target, ast.AugAssign) and isinstance(target.op, ast.Add):
+                if not (isinstance(target.target, ast.Name) and target.target.id == v):
+                    continue
+                if _loads(target.value) & {v}:
+                    continue
+                new_value: ast.expr = ast.BinOp(
+                    ast.Call(call.func, [ast.Name(v, ast.Load())], []), ast.Add(), target.value
+                )
+                new: ast.stmt = ast.Assign(targets=[target.target], value=new_value)
+            elif isinstance(target, ast.Assign) and isinstance(target.value, ast.BinOp):
+                bop = target.value
+                sides = [bop.left, bop.right]
+                if not isinstance(bop.op, ast.Add) or not any(
+                    isinstance(x, ast.Name) and x.id == v for x in sides
+                ):
+                    continue
+                other = (
+                    bop.right if isinstance(bop.left, ast.Name) and bop.left.id == v else (bop.left)
+                )
+                if v in _loads(other):
+                    continue
+                dropped = ast.Call(call.func, [ast.Name(v, ast.Load())], [])
+                left, right = (dropped, other) if other is bop.right else (other, dropped)
+                new = ast.Assign(targets=target.targets, value=ast.BinOp(left, ast.Add(), right))
+            else:
+                continue
+            if v not in _full_assigns(new) and _read_after({v}, rest):
+                continue
+            out[i] = ast.fix_missing_locations(ast.Assign(targets=stmt.targets, value=call.args[0]))
+            out[j] = ast.fix_missing_locations(new)
         return out
 
     def _hoist(
@@ -529,6 +581,8 @@ def _full_assigns(stmt: ast.stmt) -> set[str]:
         return out
     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
         return {stmt.target.id}
+    if isinstance(stmt, ast.If) and stmt.orelse:  # assigned on both ways
+        return _sure(stmt.body) & _sure(stmt.orelse)
     return set()
 
 
@@ -553,6 +607,19 @@ def _read_later(
             found |= live & _effects(s)[1]
             live -= _full_assigns(s)
     return found
+
+
+def _read_after(names: set[str], rest: list[list[ast.stmt]]) -> bool:
+    """Whether any of ``names`` is read in ``rest`` before being assigned again."""
+    live = set(names)
+    for stmts in rest:
+        for s in stmts:
+            if live & _effects(s)[1]:
+                return True
+            live -= _full_assigns(s)
+            if not live:
+                return False
+    return False
 
 
 def _as_load(target: ast.expr) -> ast.expr:

@@ -106,29 +106,43 @@ def _branch(
 
 @_eager
 def _with_sides(branch: _Gathered, out: Tensor, dim: int, n: int) -> tuple[Any, ...]:
-    """``(out, *the values the branch returned beside it)``. They must not hold one row per
-    sample run: the dropped samples' rows do not exist (attention weights, say)."""
+    """``(out, *the values the branch returned beside it)``. A tensor among them with a row per
+    sample run, not per sample (attention weights, say), has no rows for the dropped samples: it
+    comes back as :class:`DroppedRows`, which raises when it is used."""
     if branch.sides is None:
         return (out,)
     if not branch.sides:  # the branch never ran (every sample dropped): run it on two rows
         with torch.no_grad():
             branch.at_rows(torch.arange(min(2, n), device=branch.ref.device), dim)(None)
-    for value in _leaves(branch.sides):
-        if isinstance(value, Tensor) and value.dim() > dim and value.shape[dim] != n:
-            raise RuntimeError(
-                "droppath.accelerate: this block returns values computed in a skipped branch "
-                "for each sample (attention weights, say); in training, call it without asking "
-                "for them (e.g. output_attentions=False)"
-            )
-    return (out, *branch.sides)
+    return (out, *(_stand_in(v, dim, n) for v in branch.sides))
 
 
-def _leaves(obj: Any) -> list[Any]:
+class DroppedRows:
+    """Stands for a per-sample value computed in a skipped branch: using it raises."""
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "droppath.accelerate: this value was computed in a skipped branch, for the kept "
+            "samples only (attention weights, say); in training, call the model without asking "
+            "for it (e.g. output_attentions=False)"
+        )
+
+    __getattr__ = __getitem__ = __iter__ = __len__ = __bool__ = __float__ = _fail
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return cls()._fail()
+
+
+def _stand_in(obj: Any, dim: int, n: int) -> Any:
+    if isinstance(obj, Tensor):
+        return DroppedRows() if obj.dim() > dim and obj.shape[dim] != n else obj
     if isinstance(obj, tuple | list):
-        return [leaf for o in obj for leaf in _leaves(o)]
+        items = [_stand_in(o, dim, n) for o in obj]
+        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
     if isinstance(obj, dict):
-        return [leaf for o in obj.values() for leaf in _leaves(o)]
-    return [obj]
+        return {k: _stand_in(v, dim, n) for k, v in obj.items()}
+    return obj
 
 
 @_eager
