@@ -124,6 +124,8 @@ OLD = {"timm": "1.0.20", "transformers": "4.57.6"}
 def test_an_older_release_of_each_library(tmp_path):
     """timm 1.0.20 and transformers 4.57.6 (the last 4.x), installed beside the current ones
     (``pip install --target``), through the same derive-and-check path, on the docs' families."""
+    require("timm")
+    require("transformers")
     pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     timm_dir, hf_dir = tmp_path / "timm", tmp_path / "hf"
     subprocess.run([*pip, "--no-deps", "--target", timm_dir, f"timm=={OLD['timm']}"], check=True)
