@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import sys
 import time
@@ -173,7 +174,7 @@ def _smallest(names: list[str], candidates: int = 8) -> list[str]:
     """The likeliest small variants, by parameter count (counted on the meta device)."""
     import timm
 
-    sizes = []
+    sizes: list[tuple[float, str]] = []
     for name in sorted(names, key=_rank)[:candidates]:
         try:
             with torch.device("meta"):
@@ -205,8 +206,26 @@ def timm_family(module: str, checks: bool = False) -> Family:
             return row
     row.seconds = time.perf_counter() - t0
     if not row.error:
-        row.error = f"left out: no variant of at most {_LARGEST / 1e6:.0f}M parameters"
+        row.error = _why_none(timm.list_models(module=module))
     return row
+
+
+def _why_none(names: list[str]) -> str:
+    """Why no model of a family ran: none takes ``drop_path_rate``, or all are too large."""
+    import timm
+
+    for name in sorted(names, key=_rank)[:8]:
+        try:
+            with torch.device("meta"):
+                timm.create_model(name, pretrained=False, drop_path_rate=0.1)
+        except TypeError as error:
+            if "drop_path_rate" in str(error):
+                continue
+            return f"{name}: {error}"
+        except Exception as error:  # noqa: BLE001 - reported
+            return f"{name}: {type(error).__name__}: {str(error)[:120]}"
+        return f"left out: no variant of at most {_LARGEST / 1e6:.0f}M parameters"
+    return "no drop_path_rate"
 
 
 def _hf_classes() -> list[tuple[str, Any, Any]]:
@@ -404,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="families to run")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     parser.add_argument(
+        "--update", action="store_true", help="replace the families run in --json, keep the rest"
+    )
+    parser.add_argument(
         "--checks", action="store_true", help="also compare eval and rate 0 with the original"
     )
     parser.add_argument("--markdown", default=None, help="print this --json file as a table")
@@ -415,8 +437,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = run(tuple(args.library), args.only, args.checks)
     if args.json:
+        new = [asdict(r) for r in rows]
+        if args.update and os.path.exists(args.json):
+            with open(args.json) as f:
+                old = json.load(f)
+            done = {(r["library"], r["family"]) for r in new}
+            by_key = {(r["library"], r["family"]): r for r in new}
+            new = [by_key.get((r["library"], r["family"]), r) for r in old]
+            new += [
+                r
+                for r in by_key.values()
+                if (r["library"], r["family"]) not in {(o["library"], o["family"]) for o in old}
+            ]
+            assert done
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            json.dump(new, f, indent=1)
     for library in args.library:
         print(_total(library, [r for r in rows if r.library == library]))
     return 0

@@ -242,8 +242,17 @@ class _Branch:
 
 
 class _Rewriter:
-    def __init__(self, sites: Collection[str], params: Sequence[str], body: list[ast.stmt]):
+    def __init__(
+        self,
+        sites: Collection[str],
+        params: Sequence[str],
+        body: list[ast.stmt],
+        keep_shared: bool = False,
+    ):
         self.sites = set(sites)
+        # keep_shared: a statement whose values the forward also reads after the site stays in
+        # place (computed for every sample), instead of moving and coming back beside the output
+        self.keep_shared = keep_shared
         self.branches: list[_Branch] = []
         self.rewritten: set[str] = set()  # sites whose work is skipped
         self.kept: set[str] = set()  # sites left as they are: their work cannot move
@@ -399,6 +408,8 @@ class _Rewriter:
                 skipped.append(j)
                 continue
             if not self._movable(before[j], base_reads):
+                break
+            if self.keep_shared and _read_later(assigned, stmt, expr, rest):
                 break
             # a statement left in place after this one must neither read what it assigns nor
             # change what it reads: it moves into the branch too, or the branch stops here
@@ -759,8 +770,11 @@ def _strip(args: ast.arguments) -> None:
     args.kw_defaults = [None if d is None else ast.Constant(None) for d in args.kw_defaults]
 
 
-def derive(cls: type, sites: Collection[str]) -> Derived:
+def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> Derived:
     """The training forward of ``cls`` with the work of dropped samples at ``sites`` skipped.
+
+    ``keep_shared``: statements whose values the rest of the forward reads stay out of the
+    branches (a second, more conservative rewrite, tried when the first fails its check).
 
     Raises:
         DeriveError: the source cannot be read (``parse``) or a site's use cannot be rewritten
@@ -783,7 +797,7 @@ def derive(cls: type, sites: Collection[str]) -> Derived:
     body = fdef.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    rewriter = _Rewriter(sites, params, body)
+    rewriter = _Rewriter(sites, params, body, keep_shared)
     new_body = rewriter.block(body, [])
     if not rewriter.branches:
         if rewriter.kept:

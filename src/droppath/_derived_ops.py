@@ -153,11 +153,16 @@ def _at_rows(branch: _Gathered, run: Tensor, dim: int) -> _Gathered:
     return _Gathered(branch.fn, branch.block, args, branch.ref, branch.sides)
 
 
-def _reference(args: tuple[Any, ...], dim: int) -> Tensor | None:
-    """The first tensor argument with a batch dimension: where a branch's rows come from."""
+def _reference(args: Any, dim: int) -> Tensor | None:
+    """The first tensor argument with a batch dimension (inside lists and tuples too): where a
+    branch's rows come from."""
     for a in args:
         if isinstance(a, Tensor) and a.dim() > dim and a.dim() >= 2:
             return a
+        if isinstance(a, tuple | list):
+            found = _reference(a, dim)
+            if found is not None:
+                return found
     return None
 
 

@@ -90,7 +90,9 @@ class _AcceleratedBlock:
     skipped), once that forward has been verified on the block; otherwise its own ``forward``,
     untouched."""
 
-    _droppath_derived: Derived
+    _droppath_derived: Derived  # the rewrite (candidates[0])
+    _droppath_candidates: tuple[Derived, ...]  # the rewrites to check, in order
+    _droppath_sites: tuple[str, ...]
     training: bool
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -103,36 +105,28 @@ class _AcceleratedBlock:
     def __reduce_ex__(self, protocol: Any) -> Any:
         # The class is made at run time under the block class's name, so pickle could not find it:
         # rebuild it from the block class (torch.save of a whole model, deepcopy).
-        return (_rebuild, (type(self).__bases__[1], self._droppath_derived.sites), self.__dict__)
+        return (_rebuild, (type(self).__bases__[1], self._droppath_sites), self.__dict__)
 
 
-_VERIFIED, _FAILED = "_droppath_verified", "_droppath_failed"
+_VERIFIED, _FAILED, _CHOSEN = "_droppath_verified", "_droppath_failed", "_droppath_choice"
 
 
 @_host_side
 def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The training forward of an accelerated block, run on the host under torch.compile: the
     rates are read here, so no graph guards on them (see ``droppath.residual._host_side``)."""
-    derived = block._droppath_derived
+    candidates = block._droppath_candidates
     original = _base(block).forward
     state = block.__dict__
+    derived = candidates[state.get(_CHOSEN, 0)]
     if state.get(_FAILED) or all(
         float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites
     ):
         return original(block, *args, **kwargs)
     if not state.get(_VERIFIED):
-        # side inputs of 3 or more dimensions with the batch size are per sample; if the check
-        # fails so, 2-dimensional ones too (a (batch, tokens) mask; see droppath._derived_ops)
-        first = None
-        for min_dims in (3, 2):
-            state[GATHER] = min_dims
-            reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
-            if not reason:
-                break
-            first = first or reason
+        reason = _choose(block, original, args, kwargs)
         if reason is None:  # these inputs cannot tell (a single sample): check on a later call
             return original(block, *args, **kwargs)
-        reason = first if reason else reason
         if reason:
             state[_FAILED] = reason
             warnings.warn(
@@ -142,20 +136,48 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             )
             return original(block, *args, **kwargs)
         state[_VERIFIED] = True
+        derived = candidates[state[_CHOSEN]]
     return derived.forward(block, *args, **kwargs)
 
 
+def _choose(block: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Check the block's derived forwards on these inputs, in order, and keep the first that
+    agrees with ``original``: "" then, the first failure's reason if none does, None if the
+    inputs cannot tell. Side inputs of 3 or more dimensions with the batch size are per sample;
+    if a check fails so, 2-dimensional ones too (a (batch, tokens) mask; see _derived_ops)."""
+    state = block.__dict__
+    first = None
+    for i, derived in enumerate(block._droppath_candidates):
+        for min_dims in (3, 2):
+            state[GATHER] = min_dims
+            reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
+            if reason is None:
+                return None
+            if not reason:
+                state[_CHOSEN] = i
+                return ""
+            first = first or reason
+    return first
+
+
 _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
-_DERIVED: dict[tuple[type, tuple[str, ...]], Derived | DeriveError] = {}
+_DERIVED: dict[tuple[type, tuple[str, ...]], tuple[Derived, ...] | DeriveError] = {}
 
 
-def _derived(cls: type, sites: tuple[str, ...]) -> Derived:
-    """The derived forward of ``cls`` for ``sites``, made once per class (raises
-    :class:`DeriveError`, also remembered)."""
+def _derived(cls: type, sites: tuple[str, ...]) -> tuple[Derived, ...]:
+    """The derived forwards of ``cls`` for ``sites``, made once per class: the rewrite, and a
+    more conservative one when it differs (``keep_shared``, tried if the first fails its check).
+    Raises :class:`DeriveError` (also remembered)."""
     key = (cls, sites)
     if key not in _DERIVED:
         try:
-            _DERIVED[key] = derive(cls, sites)
+            first = derive(cls, sites)
+            try:
+                second = derive(cls, sites, keep_shared=True)
+                both = (first,) if second.source == first.source else (first, second)
+            except DeriveError:
+                both = (first,)
+            _DERIVED[key] = both
         except DeriveError as error:
             _DERIVED[key] = error
     found = _DERIVED[key]
@@ -164,14 +186,20 @@ def _derived(cls: type, sites: tuple[str, ...]) -> Derived:
     return found
 
 
-def _accelerated_class(cls: type, derived: Derived) -> type:
+def _accelerated_class(cls: type, sites: tuple[str, ...]) -> type:
     """``cls`` with :class:`_AcceleratedBlock` mixed in, under ``cls``'s own name and module."""
-    key = (cls, derived.sites)
+    key = (cls, sites)
     if key not in _CLASSES:
+        candidates = _derived(cls, sites)
         new = type(
             cls.__name__,
             (_AcceleratedBlock, cls),
-            {"__module__": cls.__module__, "_droppath_derived": derived},
+            {
+                "__module__": cls.__module__,
+                "_droppath_derived": candidates[0],
+                "_droppath_candidates": candidates,
+                "_droppath_sites": sites,
+            },
         )
         new.__qualname__ = cls.__qualname__
         _CLASSES[key] = new
@@ -179,7 +207,7 @@ def _accelerated_class(cls: type, derived: Derived) -> type:
 
 
 def _rebuild(cls: type, sites: tuple[str, ...]) -> Any:
-    return object.__new__(_accelerated_class(cls, _derived(cls, sites)))
+    return object.__new__(_accelerated_class(cls, sites))
 
 
 def _base(block: nn.Module) -> type[nn.Module]:
@@ -202,7 +230,7 @@ def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Derived |
     if batchnorm == "mask" and _mixes_samples(block) and not batch_only:
         return None, "branch mixes samples (BatchNorm); batchnorm='subset' to run kept rows"
     try:
-        derived = _derived(cls, tuple(sorted(sites)))
+        derived = _derived(cls, tuple(sorted(sites)))[0]
     except DeriveError as error:
         return None, str(error)
     return derived, ""
@@ -342,10 +370,10 @@ def accelerate(
         else:
             adapter, reason = _plan(block, attrs, batchnorm)
         cls = _base(block)
-        new = cls if adapter is None else _accelerated_class(cls, adapter)
+        new = cls if adapter is None else _accelerated_class(cls, tuple(sorted(attrs)))
         if type(block) is not new:  # a check made under another class holds no more
-            block.__dict__.pop(_VERIFIED, None)
-            block.__dict__.pop(_FAILED, None)
+            for key in (_VERIFIED, _FAILED, _CHOSEN):
+                block.__dict__.pop(key, None)
         block.__class__ = new
         for attr in attrs:
             name = f"{owner_name}.{attr}" if owner_name else attr
