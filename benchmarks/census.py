@@ -222,7 +222,7 @@ def _why_none(names: list[str]) -> str:
             if "drop_path_rate" in str(error):
                 continue
             return f"{name}: {error}"
-        except Exception as error:  # noqa: BLE001 - reported
+        except Exception as error:
             return f"{name}: {type(error).__name__}: {str(error)[:120]}"
         return f"left out: no variant of at most {_LARGEST / 1e6:.0f}M parameters"
     return "no drop_path_rate"
