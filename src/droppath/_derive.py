@@ -210,7 +210,24 @@ def _site_term(node: ast.AST, sites: Collection[str]) -> tuple[str, ast.expr] | 
             assert isinstance(call, ast.Call)
             post = ast.Call(func=node.func, args=[call.args[0]], keywords=[])
             return inner, post
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        # a layer scale: ``self.gamma * self.drop_path(e)`` (either order)
+        for this, other in ((node.right, node.left), (node.left, node.right)):
+            inner = _site_call(this, sites)
+            if inner is not None and _is_scale(other):
+                assert isinstance(this, ast.Call)
+                parts = (other, this.args[0]) if other is node.left else (this.args[0], other)
+                return inner, ast.BinOp(parts[0], ast.Mult(), parts[1])
     return None
+
+
+def _is_scale(node: ast.expr) -> bool:
+    """``self.<attr>`` or a number: the same for every sample."""
+    return isinstance(node, ast.Constant) or (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    )
 
 
 def _has_site(stmt: ast.stmt, sites: Collection[str]) -> bool:
@@ -329,7 +346,9 @@ class _Rewriter:
                     ast.Call(call.func, [ast.Name(v, ast.Load())], []), ast.Add(), target.value
                 )
                 new: ast.stmt = ast.Assign(targets=[target.target], value=new_value)
-            elif isinstance(target, ast.Assign) and isinstance(target.value, ast.BinOp):
+            elif isinstance(target, ast.Assign | ast.Return) and isinstance(
+                target.value, ast.BinOp
+            ):
                 bop = target.value
                 sides = [bop.left, bop.right]
                 if not isinstance(bop.op, ast.Add) or not any(
@@ -343,7 +362,12 @@ class _Rewriter:
                     continue
                 dropped = ast.Call(call.func, [ast.Name(v, ast.Load())], [])
                 left, right = (dropped, other) if other is bop.right else (other, dropped)
-                new = ast.Assign(targets=target.targets, value=ast.BinOp(left, ast.Add(), right))
+                value = ast.BinOp(left, ast.Add(), right)
+                new = (
+                    ast.Return(value)
+                    if isinstance(target, ast.Return)
+                    else ast.Assign(targets=target.targets, value=value)
+                )
             else:
                 continue
             if v not in _full_assigns(new) and _read_after({v}, rest):
@@ -413,7 +437,7 @@ class _Rewriter:
                 break
             # a statement left in place after this one must neither read what it assigns nor
             # change what it reads: it moves into the branch too, or the branch stops here
-            absorbed = self._absorb(before, j, skipped, base_reads)
+            absorbed = self._absorb(before, j, skipped, base_reads, (stmt, expr, rest))
             if absorbed is None:
                 break
             chosen |= {j, *absorbed}
@@ -435,7 +459,12 @@ class _Rewriter:
         return not (assigned & base_reads or _escapes(stmt) or _has_site(stmt, self.sites))
 
     def _absorb(
-        self, before: list[ast.stmt], j: int, skipped: list[int], base_reads: set[str]
+        self,
+        before: list[ast.stmt],
+        j: int,
+        skipped: list[int],
+        base_reads: set[str],
+        site: tuple[ast.stmt, ast.expr, list[list[ast.stmt]]],
     ) -> set[int] | None:
         """The statements left in place after ``before[j]`` that must move with it into the
         branch (they read what it assigns, or change what it reads), transitively; None if one
@@ -454,6 +483,8 @@ class _Rewriter:
                 )
                 if clash:
                     if not self._movable(before[k], base_reads):
+                        return None
+                    if self.keep_shared and _read_later(a, *site):
                         return None
                     # what it reads must not change between it and the site
                     later = [before[i] for i in skipped if i > k and i not in moving]
@@ -690,6 +721,10 @@ class _Terms(ast.NodeTransformer):
             r.kept.add(site)
             return None
         live = self.plan[3] if self.plan is not None and self.count == 1 else []
+        # a value returned beside the output that the branch may leave unassigned (under an
+        # ``if``) comes in with its value from before
+        unsure = [n for n in live if n not in _sure(body) and n in r.locals and n not in params]
+        params = [*params, *unsure]
         value = (
             expr
             if not live

@@ -105,8 +105,13 @@ def _unpack(saved: tuple[Tensor, int]) -> Tensor:
     return t
 
 
-def _tolerance(t: Tensor) -> float:
-    return 1e-3 if t.dtype in (torch.float32, torch.float64) else 5e-2
+def _tolerance(t: Tensor, what: str) -> float:
+    """Relative to the largest value: a rewrite that is wrong is off by the order of the values;
+    the same computation on fewer rows differs by rounding (more in gradients, whose sums run
+    in another order)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return 2e-3 if what == "output" else 1e-2
+    return 5e-2
 
 
 def _compare(what: str, a: Any, b: Any) -> str:
@@ -128,7 +133,7 @@ def _compare(what: str, a: Any, b: Any) -> str:
         x, y = x.detach().float(), y.detach().float()
         diff = (x - y).abs().max().item() if x.numel() else 0.0
         scale = x.abs().max().item() if x.numel() else 0.0
-        tol = _tolerance(fa[i])
+        tol = _tolerance(fa[i], what)
         if not diff <= tol * (1.0 + scale):
             return f"{what} item {i} differs by {diff:.3g} (scale {scale:.3g})"
     return ""
