@@ -57,7 +57,9 @@ def _rank(name: str) -> tuple[int, int, str]:
 
 def _step(model: nn.Module, x: Any) -> None:
     model.train()
-    _call(model, x).float().sum().backward()
+    out = _call(model, x)
+    if out.requires_grad:  # every branch dropped, no shortcut (CvT's layers): nothing to do
+        out.float().sum().backward()
 
 
 def _out(y: Any) -> torch.Tensor:
