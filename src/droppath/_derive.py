@@ -833,7 +833,12 @@ def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> D
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
     rewriter = _Rewriter(sites, params, body, keep_shared)
-    new_body = rewriter.block(body, [])
+    try:
+        new_body = rewriter.block(body, [])
+    except DeriveError:
+        raise
+    except Exception as error:  # a form this rewriter does not foresee: never the user's error
+        raise DeriveError("rewrite", f"{type(error).__name__}: {error}") from None
     if not rewriter.branches:
         if rewriter.kept:
             raise DeriveError("rewrite", f"{cls.__qualname__}: {NOTHING_TO_SKIP}")
