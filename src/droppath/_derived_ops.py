@@ -113,7 +113,8 @@ def _with_sides(branch: _Gathered, out: Tensor, dim: int, n: int) -> tuple[Any, 
         return (out,)
     if not branch.sides:  # the branch never ran (every sample dropped): run it on two rows
         with torch.no_grad():
-            branch.at_rows(torch.arange(min(2, n), device=branch.ref.device), dim)(None)
+            few = torch.arange(min(2, n), device=branch.ref.device)
+            branch.at_rows(few, dim)(branch.ref.index_select(dim, few))
     return (out, *(_stand_in(v, dim, n) for v in branch.sides))
 
 
@@ -188,6 +189,10 @@ def add(
         out = y + base if branch_first else base + y
     else:
         out = _training_add(drop, base, branch, branch_first)
+        if out.data_ptr() == base.data_ptr():
+            # every sample dropped: the sum is the base itself, which the block may then change
+            # in place (an in-place activation after the sum) while autograd still needs it
+            out = out.clone()
     return out if not sides else _with_sides(branch, out, dim, base.shape[dim])
 
 
