@@ -329,6 +329,14 @@ def hf_family(model_type: str, config_cls: Any, cls: Any, checks: bool = False) 
     if cls is None:
         row.error = "no model class found"
         return row
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in cls(_hf_config(config_cls, True)).parameters())
+    except Exception:
+        count = 0
+    if count > _LARGEST:
+        row.error = f"left out: {count / 1e6:.0f}M parameters at 2 layers per stack"
+        return row
     for small, size in ((True, 64), (True, None), (False, None)):
         try:
             config = _hf_config(config_cls, small, size)
@@ -400,9 +408,13 @@ def _total(library: str, rows: list[Family]) -> str:
 
 
 def run(
-    libraries: tuple[str, ...] = ("timm", "transformers"), only: Any = None, checks: bool = False
+    libraries: tuple[str, ...] = ("timm", "transformers"),
+    only: Any = None,
+    checks: bool = False,
+    save: Any = None,
 ) -> list[Family]:
-    """Build, accelerate and step one model per family; the rows, printed as they come."""
+    """Build, accelerate and step one model per family; the rows, printed (and given to
+    ``save``) as they come."""
     rows: list[Family] = []
     if "timm" in libraries:
         import timm
@@ -411,11 +423,15 @@ def run(
             if not only or module in only:
                 rows.append(timm_family(module, checks))
                 _print(rows[-1])
+                if save is not None:
+                    save(rows)
     if "transformers" in libraries:
         for model_type, config_cls, cls in _hf_classes():
             if not only or model_type in only:
                 rows.append(hf_family(model_type, config_cls, cls, checks))
                 _print(rows[-1])
+                if save is not None:
+                    save(rows)
     return rows
 
 
@@ -437,23 +453,20 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(json.load(f)))
         return 0
     torch.manual_seed(0)
-    rows = run(tuple(args.library), args.only, args.checks)
-    if args.json:
-        new = [asdict(r) for r in rows]
-        if args.update and os.path.exists(args.json):
-            with open(args.json) as f:
-                old = json.load(f)
-            done = {(r["library"], r["family"]) for r in new}
-            by_key = {(r["library"], r["family"]): r for r in new}
-            new = [by_key.get((r["library"], r["family"]), r) for r in old]
-            new += [
-                r
-                for r in by_key.values()
-                if (r["library"], r["family"]) not in {(o["library"], o["family"]) for o in old}
-            ]
-            assert done
+    old: list[dict[str, Any]] = []
+    if args.json and args.update and os.path.exists(args.json):
+        with open(args.json) as f:
+            old = json.load(f)
+
+    def save(rows: list[Family]) -> None:
+        if not args.json:
+            return
+        new = {(r.library, r.family): asdict(r) for r in rows}
+        merged = [new.pop((o["library"], o["family"]), o) for o in old]
         with open(args.json, "w") as f:
-            json.dump(new, f, indent=1)
+            json.dump([*merged, *new.values()], f, indent=1)
+
+    rows = run(tuple(args.library), args.only, args.checks, save)
     for library in args.library:
         print(_total(library, [r for r in rows if r.library == library]))
     return 0
