@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from droppath import _derived_ops
+from droppath.residual import _host_side
 
 __all__ = ["NOTHING_TO_SKIP", "DeriveError", "Derived", "derive"]
 
@@ -889,8 +890,11 @@ def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> D
         raise DeriveError("rewrite", f"the generated code does not compile ({error})") from None
     factory_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
     make = types.FunctionType(factory_code, fn.__globals__)
+    # its own code runs on the host under torch.compile, as drop_add_residual's step does: the
+    # branches and modules it calls compile as graphs of their own (residual._host_side)
     forward = make(_derived_ops.add, _derived_ops.rows, cls)
     forward.__defaults__ = fn.__defaults__
     forward.__kwdefaults__ = fn.__kwdefaults__
     forward.__qualname__ = f"{cls.__qualname__}.forward"
-    return Derived(forward, tuple(sorted(rewriter.rewritten - rewriter.kept)), text)
+    sites_done = tuple(sorted(rewriter.rewritten - rewriter.kept))
+    return Derived(_host_side(forward), sites_done, text)

@@ -196,6 +196,7 @@ def add(
     return out if not sides else _with_sides(branch, out, dim, base.shape[dim])
 
 
+@_host_side  # reads the rate: never a frame of its own under torch.compile (a guard on p)
 def _training_add(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool) -> Tensor:
     # drop_add_residual's training step, called directly: this frame runs on the host
     return _skipping_add(
@@ -229,6 +230,7 @@ def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], sides
     return _with_sides(branch, out, dim, branch.ref.shape[dim])
 
 
+@_host_side  # reads the rate, draws: never a frame of its own under torch.compile
 def _rows(drop: Any, block: nn.Module, site: str, branch: _Gathered) -> Tensor:
     if isinstance(drop, ForcedDrop):
         return drop.rows(branch)
