@@ -181,8 +181,12 @@ def _smallest(names: list[str], candidates: int = 8) -> list[str]:
         try:
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False, drop_path_rate=0.1)
+        except TypeError as error:  # no drop_path_rate: not a candidate
+            if "drop_path_rate" not in str(error):
+                sizes.append((_LARGEST, name))
+            continue
         except Exception:
-            sizes.append((float("inf"), name))
+            sizes.append((_LARGEST, name))  # meta linspace): a candidate, tried last
             continue
         sizes.append((sum(p.numel() for p in model.parameters()), name))
     return [name for size, name in sorted(sizes) if size <= _LARGEST][:3]
