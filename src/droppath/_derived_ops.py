@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from droppath import residual
+from droppath.layerdrop import _gather
 from droppath.residual import (
     _eager,
     _host_side,
@@ -34,23 +35,6 @@ _BASE = object()  # stands for the rows of the sum's base among a branch's argum
 
 
 GATHER = "_droppath_gather"
-
-
-def _gather(obj: Any, idx: Tensor, n: int, dim: int, min_dims: int) -> Any:
-    """``obj`` with every tensor of at least ``min_dims`` dimensions whose size along ``dim`` is
-    ``n`` taken at rows ``idx``, inside tuples, lists and dicts too; everything else as it is."""
-    if isinstance(obj, Tensor):
-        if obj.dim() >= min_dims and obj.dim() > dim and obj.shape[dim] == n:
-            rows = obj.index_select(dim, idx)
-            torch._dynamo.maybe_mark_dynamic(rows, dim)
-            return rows
-        return obj
-    if isinstance(obj, tuple | list):
-        items = [_gather(o, idx, n, dim, min_dims) for o in obj]
-        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
-    if isinstance(obj, dict):
-        return {k: _gather(v, idx, n, dim, min_dims) for k, v in obj.items()}
-    return obj
 
 
 class _Gathered:

@@ -50,17 +50,28 @@ STACK_PATHS = (
 )
 
 
-def _gather(obj: Any, idx: Tensor, n: int, dim: int) -> Any:
-    """``obj`` with every tensor of at least 2 dimensions whose size along ``dim`` is ``n`` taken
-    at rows ``idx``, inside tuples, lists and dicts too; everything else as it is.
+def _gather(obj: Any, idx: Tensor, n: int, dim: int, min_dims: int = 2) -> Any:
+    """``obj`` with every tensor of at least ``min_dims`` dimensions whose size along ``dim`` is
+    ``n`` taken at rows ``idx`` (marked dynamic along ``dim`` for torch.compile), inside tuples,
+    lists and dicts too; everything else as it is.
 
     1-D tensors are left alone: in transformer layers they index positions (``cache_position``),
-    and a sequence as long as the batch would otherwise be cut.
+    and a sequence as long as the batch would otherwise be cut. Derived forwards
+    (``droppath._derived_ops``) use it with ``min_dims=3`` first, for the same reason with
+    ``(tokens, dim)`` tables.
     """
     if isinstance(obj, Tensor):
-        if obj.dim() >= 2 and obj.dim() > dim and obj.shape[dim] == n:
-            return obj.index_select(dim, idx)
+        if obj.dim() >= min_dims and obj.dim() > dim and obj.shape[dim] == n:
+            rows = obj.index_select(dim, idx)
+            torch._dynamo.maybe_mark_dynamic(rows, dim)
+            return rows
         return obj
+    if isinstance(obj, tuple | list):
+        items = [_gather(o, idx, n, dim, min_dims) for o in obj]
+        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
+    if isinstance(obj, dict):
+        return {k: _gather(v, idx, n, dim, min_dims) for k, v in obj.items()}
+    return obj
     if isinstance(obj, tuple | list):
         items = [_gather(o, idx, n, dim) for o in obj]
         return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
