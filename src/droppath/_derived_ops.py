@@ -165,7 +165,6 @@ def add(
     branch returns that many values beside its output, which come back after the sum."""
     drop = getattr(block, site)
     branch = _branch(fn, block, args, base, sides)
-    dim = int(getattr(drop, "batch_dim", 0)) % base.dim()
     if isinstance(drop, ForcedDrop):
         out = drop.add(base, branch, branch_first)
     elif not drop.training:
@@ -177,7 +176,10 @@ def add(
             # every sample dropped: the sum is the base itself, which the block may then change
             # in place (an in-place activation after the sum) while autograd still needs it
             out = out.clone()
-    return out if not sides else _with_sides(branch, out, dim, base.shape[dim])
+    if not sides:
+        return out
+    dim = int(getattr(drop, "batch_dim", 0)) % base.dim()
+    return _with_sides(branch, out, dim, base.shape[dim])
 
 
 @_host_side  # reads the rate: never a frame of its own under torch.compile (a guard on p)
