@@ -14,7 +14,7 @@ from torch import nn
 from conftest import binom_pvalue
 from droppath import DropPath, Residual, accelerate, drop_path_sites, set_drop_rates
 from droppath.rates import depth_rates
-from droppath.schedules import empty_slots, site_positions
+from droppath.sites import empty_slots, site_positions
 
 
 class Block(nn.Module):

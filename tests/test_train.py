@@ -342,17 +342,18 @@ def test_torchrun_two_processes(tmp_path):
 def test_every_time_rule_option_has_its_flag():
     # One table declares the rules; the flags come from it (early's shape included).
     from droppath.cli import build_parser
-    from droppath.commands.train import _rule_options_from_flags
-    from droppath.schedules import TIME_RULE_TABLE
+    from droppath.commands.train import TIME_RULE_FLAGS, _rule_options_from_flags
+    from droppath.scheduler import TIME_RULE_TABLE
     from droppath.train import TrainConfig
 
     parser = build_parser()
     for rule in TIME_RULE_TABLE.values():
         for option in rule.options:
-            value = {int: "1", float: "0.5", str: "linear"}[option.cli_type]
+            cli_type = TIME_RULE_FLAGS[option.name][0]
+            value = {int: "1", float: "0.5", str: "linear"}[cli_type]
             flag = f"--{option.name.replace('_', '-')}"
             ns = parser.parse_args(["train", "--time-rule", rule.name, flag, value])
-            assert _rule_options_from_flags(ns) == {option.name: option.cli_type(value)}
+            assert _rule_options_from_flags(ns) == {option.name: cli_type(value)}
     ns = parser.parse_args(
         ["train", "--time-rule", "early", "--cutoff-step", "3", "--shape", "constant"]
     )

@@ -23,12 +23,12 @@ _EXPORTS = {
     "layer_drop": "droppath.layerdrop",
     "Residual": "droppath.residual",
     "drop_add_residual": "droppath.residual",
-    "DropRateScheduler": "droppath.schedules",
-    "convert": "droppath.schedules",
-    "depth_rates": "droppath.schedules",
-    "drop_path_sites": "droppath.schedules",
-    "prune": "droppath.schedules",
-    "set_drop_rates": "droppath.schedules",
+    "depth_rates": "droppath.rates",
+    "DropRateScheduler": "droppath.scheduler",
+    "convert": "droppath.sites",
+    "drop_path_sites": "droppath.sites",
+    "set_drop_rates": "droppath.sites",
+    "prune": "droppath.pruning",
 }
 
 __all__ = [
@@ -55,15 +55,11 @@ if TYPE_CHECKING:
     from droppath.acceleration import AccelerationReport, SiteReport, accelerate
     from droppath.drop import DropPath, drop_path
     from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
+    from droppath.pruning import prune
+    from droppath.rates import depth_rates
     from droppath.residual import Residual, drop_add_residual
-    from droppath.schedules import (
-        DropRateScheduler,
-        convert,
-        depth_rates,
-        drop_path_sites,
-        prune,
-        set_drop_rates,
-    )
+    from droppath.scheduler import DropRateScheduler
+    from droppath.sites import convert, drop_path_sites, set_drop_rates
 
 
 def __getattr__(name: str) -> Any:

@@ -18,13 +18,13 @@ from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
 from droppath.rates import DEFAULT_RULE, DEPTH_RULES
 from droppath.residual import Residual, _host_side
-from droppath.schedules import (
-    _rate,
+from droppath.sites import (
     check_reaches,
     convert,
     drop_path_sites,
     fill_slots,
     set_drop_rates,
+    site_rate,
 )
 
 __all__ = ["AccelerationReport", "SiteReport", "accelerate"]
@@ -353,7 +353,7 @@ def accelerate(
     rows: dict[str, SiteReport] = {}
     owners: dict[str, list[str]] = {}
     for name, site in drop_path_sites(model):
-        rate = _rate(site)
+        rate = site_rate(site)
         layer = is_layer_drop_site(site)
         if layer or isinstance(site, Residual):
             kind = "layer drop" if layer else "Residual"

@@ -33,8 +33,9 @@ from droppath._progress import progress_bar
 from droppath.acceleration import accelerate
 from droppath.models.resnet import CifarResNet
 from droppath.models.vit import AttentionBranch, SmallViT, mlp_branch
+from droppath.rates import DEPTH_RULES, depth_rates
 from droppath.residual import Residual
-from droppath.schedules import DEPTH_RULES, _rate, depth_rates, drop_path_sites, set_drop_rates
+from droppath.sites import drop_path_sites, set_drop_rates, site_rate
 
 __all__ = [
     "BenchConfig",
@@ -568,7 +569,7 @@ def _prepare(
 def _rates(cfg: BenchConfig, model: nn.Module) -> list[float]:
     """The drop rate of every site: by the depth rule, or the library model's own."""
     if cfg.kind == "model":
-        return [_rate(site) for _, site in drop_path_sites(model)]
+        return [site_rate(site) for _, site in drop_path_sites(model)]
     return depth_rates(cfg.depth or 1, cfg.p, cfg.rule or "uniform")
 
 

@@ -1,7 +1,7 @@
 """Drop rates across depth: ``depth_rates`` and its rules.
 
-A module of its own, below everything that applies rates (``schedules``, ``layerdrop``, the
-models), so that none of them needs another to know the rules.
+A module of its own, below everything that applies rates (``sites``, ``scheduler``,
+``layerdrop``, the models), so that none of them needs another to know the rules.
 """
 
 from __future__ import annotations

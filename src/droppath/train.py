@@ -29,13 +29,9 @@ from droppath._checks import MODES, STRATEGIES, check_choice, check_positive_int
 from droppath._progress import progress_bar
 from droppath.data import DATASETS, DataError
 from droppath.models.registry import MODEL_NAMES
-from droppath.schedules import (
-    DEPTH_RULES,
-    TIME_RULES,
-    DropRateScheduler,
-    check_time_options,
-    drop_path_sites,
-)
+from droppath.rates import DEPTH_RULES
+from droppath.scheduler import TIME_RULES, DropRateScheduler, check_time_options
+from droppath.sites import drop_path_sites
 
 __all__ = ["Run", "TrainConfig", "train"]
 

@@ -27,7 +27,7 @@ from droppath import (
     prune,
     set_drop_rates,
 )
-from droppath.schedules import fill_slots
+from droppath.sites import fill_slots
 
 
 def _lib_rates(model: nn.Module) -> dict[str, float]:

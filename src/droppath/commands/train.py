@@ -9,8 +9,30 @@ from typing import Any
 from droppath.commands import COMMANDS, UsageError, config_from_args
 from droppath.data import DataError
 from droppath.rates import DEPTH_RULES
-from droppath.schedules import TIME_RULE_TABLE, TIME_RULES, time_rule_options
+from droppath.scheduler import TIME_RULE_TABLE, TIME_RULES, RuleOption
 from droppath.train import TrainConfig, train
+
+# The flags of the time rules' options (droppath.scheduler.TIME_RULE_TABLE): each option's type
+# and what it is; the flag is "--" + the name with dashes, and its help adds the rules that take
+# it and its default, from the table.
+TIME_RULE_FLAGS: dict[str, tuple[type, str]] = {
+    "warmup_steps": (int, "steps to reach the full rates"),
+    "cutoff_step": (int, "the step where the rule switches"),
+    "shape": (str, "linear or constant rate before the cutoff"),
+    "theta_bar": (float, "final keep ratio"),
+    "gamma": (float, "decay rate, > 0"),
+}
+
+
+def time_rule_options() -> dict[str, RuleOption]:
+    """Every option of every time rule, by name: one flag each."""
+    return {o.name: o for rule in TIME_RULE_TABLE.values() for o in rule.options}
+
+
+def _flag_help(option: RuleOption) -> str:
+    rules = [r.name for r in TIME_RULE_TABLE.values() if option in r.options]
+    default = "" if option.required else f"; default: {option.default}"
+    return f"{TIME_RULE_FLAGS[option.name][1]} ({', '.join(rules)}{default})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,9 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     for option in time_rule_options().values():  # one flag per option of the time rules' table
         a(
             f"--{option.name.replace('_', '-')}",
-            type=option.cli_type,
+            type=TIME_RULE_FLAGS[option.name][0],
             default=None,
-            help=option.help,
+            help=_flag_help(option),
         )
     a(
         "--mode",

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from droppath.schedules import DropRateScheduler, _rate
+from droppath.scheduler import DropRateScheduler
+from droppath.sites import site_rate
 
 
 class ScheduleAtStep:
@@ -38,5 +39,5 @@ class ScheduleAtStep:
             raise RuntimeError("the drop-rate schedule has not started: training has not begun")
         sched = self.scheduler
         if step != sched.last_step:
-            sched.load_state_dict({**sched.state_dict(), "last_step": step})
-        return {f"drop_rate/{name}": _rate(site) for name, site in sched.sites}
+            sched.step_to(step)
+        return {f"drop_rate/{name}": site_rate(site) for name, site in sched.sites}

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from droppath._checks import check_choice, check_positive_int
+from droppath.rates import DEPTH_RULES, depth_rates
 from droppath.residual import Residual
-from droppath.schedules import DEPTH_RULES, depth_rates
 
 __all__ = ["CifarResNet", "DownsampleShortcut", "basic_block", "bottleneck_block", "cifar_resnet"]
 

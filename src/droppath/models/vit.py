@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from droppath._checks import check_positive_int
+from droppath.rates import depth_rates
 from droppath.residual import Residual
-from droppath.schedules import depth_rates
 
 __all__ = ["AttentionBranch", "SmallViT", "mlp_branch"]
 
