@@ -1,4 +1,4 @@
-"""``droppath train``: the parser and the handler (the work is in ``droppath.train``)."""
+"""``droppath train``: the parser and the handler (the work is in ``droppath.apps.train``)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 from typing import Any
 
-from droppath.commands import COMMANDS, UsageError, config_from_args
-from droppath.data import DataError
+from droppath.apps.commands import COMMANDS, UsageError, config_from_args
+from droppath.apps.data import DataError
+from droppath.apps.train import TrainConfig, train
 from droppath.rates import DEPTH_RULES
 from droppath.schedules import TIME_RULE_TABLE, TIME_RULES, time_rule_options
-from droppath.train import TrainConfig, train
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,23 +1,10 @@
-"""``droppath train``: train a reference model, with and without stochastic depth, and compare.
-
-One process, or several under ``torchrun --nproc_per_node=N`` (DistributedDataParallel over gloo
-on CPUs, NCCL on GPUs, with a DistributedSampler); only rank 0 prints and writes.
-"""
+"""One model in training (:class:`Run`): its optimizer, schedules, data order, random state,
+history and checkpoint; its training steps and its evaluation."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
-import math
-import os
-import signal
-import statistics
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,202 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from droppath._checks import MODES, STRATEGIES, check_choice, check_positive_int, check_probability
-from droppath._progress import progress_bar
-from droppath.data import DATASETS, DataError
-from droppath.models.registry import MODEL_NAMES
-from droppath.schedules import (
-    DEPTH_RULES,
-    TIME_RULES,
-    DropRateScheduler,
-    check_time_options,
-    drop_path_sites,
+from droppath.apps.data import DataError
+from droppath.apps.progress import progress_bar
+from droppath.apps.train.checkpointing import (
+    CHECKPOINT,
+    atomic_save,
+    interrupt_deferred,
+    write_metrics,
 )
+from droppath.apps.train.config import TrainConfig
+from droppath.apps.train.distributed import Dist
+from droppath.schedules import DropRateScheduler, drop_path_sites
 
-__all__ = ["Run", "TrainConfig", "train"]
-
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    model: str = "resnet"
-    depth: int | None = None
-    p: float | None = None
-    rule: str = "linear"
-    time_rule: str = "constant"
-    rule_options: dict[str, Any] = field(default_factory=dict)  # the time rule's options
-    mode: str | None = None
-    strategy: str = "auto"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    seed: int = 0
-    out: str = "runs/digits"
-    compile: bool = False
-    compare: bool = False
-    data: str = "digits"
-    data_dir: str | None = None
-    image_size: int = 32
-    resume: bool = False
-    stop_after: int | None = None
-    progress: bool = True
-    threads: int | None = None
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice(self.model, "model", MODEL_NAMES)
-        if self.p is None:
-            self.p = 0.5 if self.model == "resnet" else 0.1
-        self.p = check_probability(self.p)
-        if self.mode is None:
-            self.mode = "batch" if self.model == "resnet" else "row"
-        check_choice(self.mode, "mode", MODES)
-        check_choice(self.rule, "rule", DEPTH_RULES)
-        check_choice(self.time_rule, "time_rule", TIME_RULES)
-        check_choice(self.strategy, "strategy", STRATEGIES)
-        check_choice(self.data, "data", DATASETS)
-        self.epochs = check_positive_int(self.epochs, "epochs")
-        self.batch_size = check_positive_int(self.batch_size, "batch_size")
-        if self.depth is not None:
-            self.depth = check_positive_int(self.depth, "depth")
-            if self.model == "resnet" and (self.depth - 2) % 6:
-                raise ValueError(
-                    f"depth must be 6n + 2 for resnet (20, 56, 110...), got {self.depth}"
-                )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a number > 0, got {self.lr}")
-        if self.stop_after is not None:
-            self.stop_after = check_positive_int(self.stop_after, "stop_after")
-        if self.threads is not None:
-            self.threads = check_positive_int(self.threads, "threads")
-        self.image_size = check_positive_int(self.image_size, "image_size")
-        if self.mode == "batch" and self.strategy != "auto":
-            raise ValueError(
-                f"strategy applies to mode 'row' only, got strategy={self.strategy!r} with "
-                "mode='batch'"
-            )
-        if self.data_dir is not None and self.data == "digits":
-            raise ValueError(
-                "data_dir is for data 'cifar10' or 'folder', got one with data 'digits' (bundled)"
-            )
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other, got both")
-        self.rule_options = check_time_options(self.time_rule, dict(self.rule_options))
-
-
-# --------------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
-
-
-# --------------------------------------------------------------------------------------------
-# Files: every write is atomic (a temporary file, then a rename)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def _write_metrics(folder: Path, history: list[dict[str, float]]) -> None:
-    _atomic_write_bytes(folder / "metrics.json", json.dumps(history, indent=2).encode())
-    text = io.StringIO()
-    if history:
-        writer = csv.DictWriter(text, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    _atomic_write_bytes(folder / "metrics.csv", text.getvalue().encode())
-
-
-@contextlib.contextmanager
-def _interrupt_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it: files written together stay
-    consistent. Only in the main thread, where signal handlers can be set."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def _check_fresh(out: Path, plan: list[str]) -> None:
-    """Refuse to write over a previous run in ``out`` unless told to (``overwrite``)."""
-    old = [out / "results.json", *(out / name / CHECKPOINT for name in plan)]
-    found = [str(p.relative_to(out)) for p in old if p.exists()]
-    if found:
-        raise DataError(
-            f"out {str(out)!r} holds a previous run ({', '.join(found)}): resume it, or "
-            "overwrite it"
-        )
-
-
-def _clear_previous(out: Path) -> None:
-    """Remove what a previous run wrote in ``out`` (only droppath's own files)."""
-    names = ("results.md", "results.json", "plot.png")
-    run_files = (CHECKPOINT, "metrics.json", "metrics.csv")
-    for path in [out / n for n in names] + [
-        out / r / n for r in ("with_sd", "without_sd") for n in run_files
-    ]:
-        path.unlink(missing_ok=True)
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".droppath-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"out must be a writable folder, got {str(out)!r} ({e.strerror})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# One training run
+__all__ = ["Run"]
 
 
 def _make_model(cfg: TrainConfig, data: Any, p: float) -> nn.Module:
@@ -276,7 +80,7 @@ class Run:
     """
 
     def __init__(
-        self, cfg: TrainConfig, data: Any, p: float, folder: Path, dist: Dist, label: str
+        self, cfg: TrainConfig, data: Any, *, p: float, folder: Path, dist: Dist, label: str
     ) -> None:
         self.cfg, self.data, self.p, self.folder, self.dist, self.label = (
             cfg,
@@ -412,9 +216,9 @@ class Run:
         self.epochs_done = epoch + 1
         self.rng = _rng_state(dist.device)
         if dist.main:
-            with _interrupt_deferred():  # Ctrl-C waits: the three files always agree
-                _atomic_save(self.state_dict(), self.folder / CHECKPOINT)
-                _write_metrics(self.folder, self.history)
+            with interrupt_deferred():  # Ctrl-C waits: the three files always agree
+                atomic_save(self.state_dict(), self.folder / CHECKPOINT)
+                write_metrics(self.folder, self.history)
 
     def _train_steps(self, label: str) -> dict[str, float]:
         """One pass over the training batches; the epoch's loss, accuracy and speed."""
@@ -471,135 +275,3 @@ class Run:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------
-# The comparison
-
-
-def _summary(run: dict[str, Any]) -> dict[str, float]:
-    h = run["history"]
-    times = [e["epoch_time_s"] for e in h]
-    return {
-        "p": run["p"],
-        "test_acc": h[-1]["test_acc"] if h else float("nan"),
-        "epoch_time_s": statistics.median(times) if times else float("nan"),
-        "expected_depth": run["expected_depth"],
-        "blocks": run["sites"],
-    }
-
-
-def format_results(runs: list[dict[str, Any]]) -> str:
-    rows = [_summary(r) for r in runs]
-    lines = [
-        "| run | p | test accuracy | time per epoch (s, median) | time ratio | expected depth |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    base = rows[-1]["epoch_time_s"]
-    for run, s in zip(runs, rows, strict=True):
-        depth = (
-            f"{s['expected_depth']:.2f} of {s['blocks']} ({s['expected_depth'] / s['blocks']:.3f})"
-        )
-        lines.append(
-            f"| {run['label']} | {s['p']:g} | {s['test_acc']:.4f} | {s['epoch_time_s']:.3f} | "
-            f"{s['epoch_time_s'] / base:.3f} | {depth} |"
-        )
-    return "\n".join(lines)
-
-
-def _plot(runs: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no {path.name}: plotting needs matplotlib: pip install 'droppath[train]'")
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for i, run in enumerate(runs):
-        h = run["history"]
-        ep = [e["epoch"] for e in h]
-        label = f"{run['label']} (p={run['p']:g})"
-        color = f"C{i}"  # one color per run on every panel; test loss dashed
-        axes[0].plot(ep, [e["train_loss"] for e in h], color=color, label=f"{label} train")
-        axes[0].plot(ep, [e["test_loss"] for e in h], "--", color=color, label=f"{label} test")
-        axes[1].plot(ep, [e["test_acc"] for e in h], color=color, label=label)
-        axes[2].plot(ep, [e["epoch_time_s"] for e in h], marker="o", color=color, label=label)
-    for ax, title in zip(axes, ("loss", "test accuracy", "time per epoch (s)"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: whole numbers
-    axes[2].set_ylim(bottom=0)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def train(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Run the training described by ``cfg``; return one result per run."""
-    from droppath.data import load_dataset
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist = _init_distributed()
-    active: list[Run] = []
-    try:
-        out = Path(cfg.out)
-        if dist.main:
-            _check_writable(out)
-        data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size)
-        plan = [("with_sd", cfg.p or 0.0)]
-        if cfg.compare:
-            plan.append(("without_sd", 0.0))
-        if not cfg.resume and not cfg.overwrite:
-            # On every rank, as it only reads: all stop together instead of waiting for rank 0.
-            _check_fresh(out, ["with_sd", "without_sd"])
-        if dist.main and not cfg.resume and cfg.overwrite:
-            _clear_previous(out)
-        for name, p in plan:
-            folder = out / name
-            if dist.main:
-                folder.mkdir(parents=True, exist_ok=True)
-            active.append(Run(cfg, data, p, folder, dist, name))
-        last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
-        for epoch in range(last):
-            order = active[epoch % len(active) :] + active[: epoch % len(active)]
-            for run in order:  # interleaved, first place alternating
-                if run.epochs_done == epoch:
-                    run.train_epoch()
-        runs = [run.result() for run in active]
-        if dist.main and all(r["finished"] for r in runs):
-            table = format_results(runs)
-            _atomic_write_bytes(out / "results.md", (table + "\n").encode())
-            summary = {
-                "config": asdict(cfg),
-                "processes": dist.world,
-                "runs": [_summary(r) for r in runs],
-            }
-            _atomic_write_bytes(out / "results.json", json.dumps(summary, indent=2).encode())
-            _plot(runs, out / "plot.png")
-            print(table)
-            print(f"wrote {out}/results.md, results.json, plot.png and per-run metrics")
-        elif dist.main:
-            print(f"stopped after epoch {cfg.stop_after}; continue with --resume --out {out}")
-        return runs
-    finally:
-        if dist.world > 1:
-            import gc
-
-            import torch.distributed as tdist
-
-            # Free the DDP wrappers (and their reducers) while the process group still lives,
-            # so that its destructor does not run later from theirs, at interpreter teardown.
-            active.clear()
-            gc.collect()
-            tdist.destroy_process_group()
