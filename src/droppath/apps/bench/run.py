@@ -29,6 +29,8 @@ __all__ = ["VariantResult", "prepare", "run_bench"]
 
 @dataclass
 class VariantResult:
+    """One variant's row of the report: its medians, ratios and every timed step."""
+
     name: str
     variant: dict[str, Any]
     step_ms: float

@@ -17,6 +17,8 @@ __all__ = ["TrainConfig"]
 
 @dataclass
 class TrainConfig:
+    """What ``droppath train`` trains; its fields are the command's options, by name."""
+
     model: str = "resnet"
     depth: int | None = None
     p: float | None = None
