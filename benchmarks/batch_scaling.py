@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from droppath.bench import BenchConfig, _build_library_model
+from droppath.apps.bench import BenchConfig, build_library_model
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = BenchConfig(model=args.model, image=args.image, batch=args.batch, p=0.0)
-    model, x = _build_library_model(cfg)
+    model, x = build_library_model(cfg)
     model.train()
     small = x[: round(args.fraction * args.batch)].clone()
     times: dict[int, list[float]] = {len(x): [], len(small): []}

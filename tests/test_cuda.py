@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from droppath import DropPath, DropRateScheduler, Residual
-from droppath.bench import BenchConfig, run_bench
+from droppath.apps.bench import BenchConfig, run_bench
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,5 +1,5 @@
 import sys
 
-from droppath.cli import main
+from droppath.apps.cli import main
 
 sys.exit(main())

@@ -96,7 +96,7 @@ _CUTOFF = RuleOption("cutoff_step", lambda v: check_positive_int(v, "cutoff_step
 
 # The time rules: everything about a rule is here, and the scheduler's checks, the command
 # line's flags and their messages are derived from this table (the flags' types and help
-# texts live with the command, droppath.commands.train).
+# texts live with the command, droppath.apps.commands.train).
 TIME_RULE_TABLE: dict[str, TimeRule] = {
     rule.name: rule
     for rule in (

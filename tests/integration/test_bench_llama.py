@@ -4,7 +4,7 @@ LayerDropout (its numbers are not asserted: timing belongs to the command)."""
 import torch
 
 from conftest import require
-from droppath.bench import BenchConfig, TorchtuneLayerDropout, format_table, run_bench
+from droppath.apps.bench import BenchConfig, TorchtuneLayerDropout, format_table, run_bench
 
 
 def test_llama_bench_runs_every_variant():

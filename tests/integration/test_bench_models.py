@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import require
-from droppath.bench import BenchConfig, format_table, run_bench
-from droppath.cli import main
+from droppath.apps.bench import BenchConfig, format_table, run_bench
+from droppath.apps.cli import main
 
 
 @pytest.mark.parametrize(

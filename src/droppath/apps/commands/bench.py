@@ -1,4 +1,4 @@
-"""``droppath bench``: the parser and the handler (the work is in ``droppath.bench``)."""
+"""``droppath bench``: the parser and the handler (the work is in ``droppath.apps.bench``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from droppath.commands import COMMANDS, UsageError, config_from_args
+from droppath.apps.commands import COMMANDS, UsageError, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(ns: Any) -> int:
     """Check the options, run the bench, print the table, write the JSON."""
-    from droppath.bench import (
+    from droppath.apps.bench import (
         BenchConfig,
         check_device,
         check_memory,

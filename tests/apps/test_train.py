@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from droppath.cli import main
-from droppath.data import load_cifar10, load_image_folder, restricted_load
+from droppath.apps.cli import main
+from droppath.apps.data import load_cifar10, load_image_folder, restricted_load
 
 FAST = ["--depth", "20", "--batch-size", "128", "--no-progress", "--threads", "1"]
 
@@ -341,10 +341,10 @@ def test_torchrun_two_processes(tmp_path):
 
 def test_every_time_rule_option_has_its_flag():
     # One table declares the rules; the flags come from it (early's shape included).
-    from droppath.cli import build_parser
-    from droppath.commands.train import TIME_RULE_FLAGS, _rule_options_from_flags
+    from droppath.apps.cli import build_parser
+    from droppath.apps.commands.train import TIME_RULE_FLAGS, _rule_options_from_flags
+    from droppath.apps.train import TrainConfig
     from droppath.scheduler import TIME_RULE_TABLE
-    from droppath.train import TrainConfig
 
     parser = build_parser()
     for rule in TIME_RULE_TABLE.values():
@@ -422,11 +422,12 @@ def test_interrupt_waits_for_the_files_then_stops(tmp_path, capsys, monkeypatch)
     import os
     import signal
 
-    from droppath import train as train_module
+    from droppath.apps.train import Run
+    from droppath.apps.train.checkpointing import interrupt_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with train_module._interrupt_deferred():
+        with interrupt_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("the block went on to its end")
     assert done
@@ -434,7 +435,7 @@ def test_interrupt_waits_for_the_files_then_stops(tmp_path, capsys, monkeypatch)
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module.Run, "train_epoch", interrupted)
+    monkeypatch.setattr(Run, "train_epoch", interrupted)
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "x"), *FAST]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"droppath train: interrupted; continue with --resume --out {tmp_path / 'x'}"]

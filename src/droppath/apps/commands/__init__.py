@@ -2,9 +2,9 @@
 whose handler it sets as ``handler``) and ``run(ns)``, in the way of Hugging Face accelerate's
 ``commands/<name>.py``.
 
-The command line sits on top of the library: it turns options into the library's configs and
-the library's errors (``ValueError``, ``TypeError``, ``droppath.data.DataError``) into one-line
-messages. The library never imports it.
+The command line sits on top of the library and of the applications' work (``droppath.apps.train``,
+``droppath.apps.bench``): it turns options into their configs and their errors (``ValueError``,
+``TypeError``, ``droppath.apps.data.DataError``) into one-line messages. Neither imports it.
 """
 
 from __future__ import annotations

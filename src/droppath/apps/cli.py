@@ -1,7 +1,7 @@
 """The ``droppath`` command: ``droppath bench`` and ``droppath train``.
 
-Each command is a module of ``droppath.commands``. A user mistake (a bad option value, a missing
-data folder) prints one line and exits with 2; tracebacks are left for bugs.
+Each command is a module of ``droppath.apps.commands``. A user mistake (a bad option value, a
+missing data folder) prints one line and exits with 2; tracebacks are left for bugs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from droppath.commands import COMMANDS, UsageError
+from droppath.apps.commands import COMMANDS, UsageError
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         if command is None or name == command:
-            importlib.import_module(f"droppath.commands.{name}").register(sub)
+            importlib.import_module(f"droppath.apps.commands.{name}").register(sub)
         else:
             sub.add_parser(name, help=help_text)
     return parser

@@ -3,7 +3,7 @@
 import io
 import sys
 
-from droppath._progress import progress_bar
+from droppath.apps.progress import progress_bar
 
 
 class FakeTerminal(io.StringIO):

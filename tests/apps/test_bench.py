@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from droppath import Residual
-from droppath.bench import BenchConfig, MaskMultiplyResidual, PlainResidual, format_table, run_bench
-from droppath.cli import main
+from droppath.apps.bench import (
+    BenchConfig,
+    MaskMultiplyResidual,
+    PlainResidual,
+    format_table,
+    run_bench,
+)
+from droppath.apps.cli import main
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attn", "conv", "vit"])
@@ -145,7 +151,7 @@ def test_cli_mistakes_are_one_line(args, message, capsys):
 
 
 def test_memory_estimate_admits_the_benchmarked_setups():
-    from droppath.bench import estimate_step_bytes
+    from droppath.apps.bench import estimate_step_bytes
 
     for kind, batch in (("mlp", 64), ("attn", 64), ("conv", 32), ("vit", 256), ("llama", 16)):
         assert estimate_step_bytes(BenchConfig(kind=kind, batch=batch)) < 4 * 2**30, kind

@@ -1,4 +1,4 @@
-"""``droppath train``: the parser and the handler (the work is in ``droppath.train``)."""
+"""``droppath train``: the parser and the handler (the work is in ``droppath.apps.train``)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 from typing import Any
 
-from droppath.commands import COMMANDS, UsageError, config_from_args
-from droppath.data import DataError
+from droppath.apps.commands import COMMANDS, UsageError, config_from_args
+from droppath.apps.data import DataError
+from droppath.apps.train import TrainConfig, train
 from droppath.rates import DEPTH_RULES
 from droppath.scheduler import TIME_RULE_TABLE, TIME_RULES, RuleOption
-from droppath.train import TrainConfig, train
 
 # The flags of the time rules' options (droppath.scheduler.TIME_RULE_TABLE): each option's type
 # and what it is; the flag is "--" + the name with dashes, and its help adds the rules that take
@@ -126,7 +126,7 @@ def run(ns: argparse.Namespace) -> int:
         train(cfg)
     except DataError as e:
         raise UsageError(str(e)) from None
-    except KeyboardInterrupt:  # files are written together (see droppath.train): consistent
+    except KeyboardInterrupt:  # files are written together (see droppath.apps.train): consistent
         print(
             f"droppath train: interrupted; continue with --resume --out {cfg.out}", file=sys.stderr
         )

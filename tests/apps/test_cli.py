@@ -1,9 +1,10 @@
-"""The command line's layering: commands on top of the library, no import cycle in src/."""
+"""The command line's layering: the applications (droppath.apps) on top of the library, the
+commands on top of the applications' work, no import cycle in src/."""
 
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _imports():
@@ -44,18 +45,24 @@ def test_no_import_cycle_in_src():
     for m in sorted(edges):
         if m not in state:
             visit(m, [])
-    assert "droppath.train" in edges and "droppath.commands.train" in edges
+    assert "droppath.apps.train" in edges and "droppath.apps.commands.train" in edges
 
 
 def test_library_never_imports_the_command_line():
     graph = _imports()
-    library = [
-        m
-        for m in graph
-        if not m.startswith(("droppath.cli", "droppath.commands", "droppath.__main__"))
-    ]
+    command_line = ("droppath.apps.cli", "droppath.apps.commands", "droppath.__main__")
+    below = [m for m in graph if not m.startswith(command_line)]
+    assert "droppath.apps.bench" in below and "droppath.apps.train" in below
+    for m in below:
+        assert not {d for d in graph[m] if d.startswith(command_line[:2])}, m
+
+
+def test_library_never_imports_the_applications():
+    graph = _imports()
+    library = [m for m in graph if not m.startswith(("droppath.apps", "droppath.__main__"))]
+    assert "droppath.rates" in library and "droppath.models" in library
     for m in library:
-        assert not {d for d in graph[m] if d.startswith(("droppath.cli", "droppath.commands"))}, m
+        assert not {d for d in graph[m] if d.startswith("droppath.apps")}, m
 
 
 def test_help_answers_without_importing_torch():
@@ -64,7 +71,7 @@ def test_help_answers_without_importing_torch():
 
     code = (
         "import sys\n"
-        "from droppath.cli import main\n"
+        "from droppath.apps.cli import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit:\n"
@@ -77,7 +84,7 @@ def test_help_answers_without_importing_torch():
 
 
 def test_each_command_still_parses_its_options():
-    from droppath.cli import main
+    from droppath.apps.cli import main
 
     assert main(["bench", "--kind", "lstm"]) == 2  # bench's own option, checked
 

@@ -1,0 +1,116 @@
+"""``droppath bench``'s run: build the variants of one model, time them interleaved, and return
+the results as plain data (:func:`run_bench`)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from droppath.apps.bench.config import BenchConfig
+from droppath.apps.bench.models import build_model
+from droppath.apps.bench.report import machine_info
+from droppath.apps.bench.timing import (
+    Setup,
+    check_memory,
+    interleaved_times,
+    paired_ratio,
+    peak_memory,
+)
+from droppath.apps.bench.variants import variant_model, variants
+from droppath.rates import depth_rates
+from droppath.sites import drop_path_sites, site_rate
+
+__all__ = ["VariantResult", "prepare", "run_bench"]
+
+
+@dataclass
+class VariantResult:
+    """One variant's row of the report: its medians, ratios and every timed step."""
+
+    name: str
+    variant: dict[str, Any]
+    step_ms: float
+    ratio: float
+    memory_mb: float
+    memory_ratio_to_mask_multiply: float
+    times_ms: list[float] = field(repr=False)
+
+
+def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
+    """The variants, their models (sharing one set of weights), what runs them (compiled or
+    not) and the input, on ``dev``."""
+    torch.manual_seed(cfg.seed)
+    base, x = build_model(cfg)
+    base, x = base.to(dev), x.to(dev)
+    if cfg.kind == "conv" and dev.type == "cuda":  # cuDNN's fast layout; on CPUs, NCHW
+        base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        x = x.contiguous(memory_format=torch.channels_last)
+    order = variants(cfg.mode or "row", cfg.bucket, cfg.kind)
+    rates = _rates(cfg, base)
+    models = {v.label: variant_model(base, v, rates).train() for v in order}
+    if cfg.compile:
+        torch._dynamo.reset()
+        runners = {n: cast(nn.Module, torch.compile(m)) for n, m in models.items()}
+    else:
+        runners = dict(models)
+    return Setup(order, models, runners, x, dev)
+
+
+def _rates(cfg: BenchConfig, model: nn.Module) -> list[float]:
+    """The drop rate of every site: by the depth rule, or the library model's own."""
+    if cfg.kind == "model":
+        return [site_rate(site) for _, site in drop_path_sites(model)]
+    return depth_rates(cfg.depth or 1, cfg.p, cfg.rule or "uniform")
+
+
+def run_bench(
+    cfg: BenchConfig, device: str | torch.device = "cpu", progress: bool = True
+) -> dict[str, Any]:
+    """Time every variant, interleaved, and return the results as plain data."""
+    dev = torch.device(device)
+    check_memory(cfg, dev)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    setup = prepare(cfg, dev)
+    order = setup.order
+    ours = next(  # droppath's default: Residual's auto strategy, layer_drop, or accelerate
+        v.label
+        for v in order
+        if v.kind in ("residual", "layer_drop", "accelerate")
+        and v.strategy == "auto"
+        and not v.p_zero
+    )
+    eval_labels = {"plain": order[0].label, "Residual": ours}
+    times, eval_times = interleaved_times(cfg, setup, eval_labels, progress=progress)
+    memory = {v.label: peak_memory(setup.runners[v.label], setup.x, 3) for v in order}
+    mm_mem = memory.get("mask-multiply", memory[order[0].label])
+    results = [
+        asdict(
+            VariantResult(
+                name=v.label,
+                variant=asdict(v),
+                step_ms=1e3 * statistics.median(times[v.label]),
+                ratio=paired_ratio(times[v.label], times[order[0].label]),
+                memory_mb=memory[v.label],
+                memory_ratio_to_mask_multiply=memory[v.label] / mm_mem if mm_mem else float("nan"),
+                times_ms=[1e3 * s for s in times[v.label]],
+            )
+        )
+        for v in order
+    ]
+    rates = _rates(cfg, setup.models[ours])  # a library model's: with the filled slots
+    return {
+        "config": asdict(cfg),
+        "machine": machine_info(dev),
+        "kept_fraction": sum(1 - r for r in rates) / len(rates),
+        "results": results,
+        "eval": {
+            "plain_ms": 1e3 * statistics.median(eval_times["plain"]),
+            "residual_ms": 1e3 * statistics.median(eval_times["Residual"]),
+            "ratio": paired_ratio(eval_times["Residual"], eval_times["plain"]),
+        },
+    }

@@ -1,0 +1,110 @@
+"""``droppath train``'s work: one run, or with ``compare`` two (with and without stochastic
+depth) trained an epoch of each in turn; then the table, the summary, the plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from droppath.apps.train.checkpointing import (
+    atomic_write_bytes,
+    check_fresh,
+    check_writable,
+    clear_previous,
+)
+from droppath.apps.train.config import TrainConfig
+from droppath.apps.train.distributed import destroy_distributed, init_distributed
+from droppath.apps.train.plotting import plot
+from droppath.apps.train.run import Run
+
+__all__ = ["format_results", "summary", "train"]
+
+
+def summary(run: dict[str, Any]) -> dict[str, float]:
+    """A run's result in a few numbers: its last test accuracy, its median time per epoch."""
+    h = run["history"]
+    times = [e["epoch_time_s"] for e in h]
+    return {
+        "p": run["p"],
+        "test_acc": h[-1]["test_acc"] if h else float("nan"),
+        "epoch_time_s": statistics.median(times) if times else float("nan"),
+        "expected_depth": run["expected_depth"],
+        "blocks": run["sites"],
+    }
+
+
+def format_results(runs: list[dict[str, Any]]) -> str:
+    """The runs side by side as a Markdown table; time ratios to the last run."""
+    rows = [summary(r) for r in runs]
+    lines = [
+        "| run | p | test accuracy | time per epoch (s, median) | time ratio | expected depth |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base = rows[-1]["epoch_time_s"]
+    for run, s in zip(runs, rows, strict=True):
+        depth = (
+            f"{s['expected_depth']:.2f} of {s['blocks']} ({s['expected_depth'] / s['blocks']:.3f})"
+        )
+        lines.append(
+            f"| {run['label']} | {s['p']:g} | {s['test_acc']:.4f} | {s['epoch_time_s']:.3f} | "
+            f"{s['epoch_time_s'] / base:.3f} | {depth} |"
+        )
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Run the training described by ``cfg``; return one result per run."""
+    from droppath.apps.data import load_dataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed()
+    active: list[Run] = []
+    try:
+        out = Path(cfg.out)
+        if dist.main:
+            check_writable(out)
+        data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size)
+        plan = [("with_sd", cfg.p or 0.0)]
+        if cfg.compare:
+            plan.append(("without_sd", 0.0))
+        if not cfg.resume and not cfg.overwrite:
+            # On every rank, as it only reads: all stop together instead of waiting for rank 0.
+            check_fresh(out, ["with_sd", "without_sd"])
+        if dist.main and not cfg.resume and cfg.overwrite:
+            clear_previous(out)
+        for name, p in plan:
+            folder = out / name
+            if dist.main:
+                folder.mkdir(parents=True, exist_ok=True)
+            active.append(Run(cfg, data, p=p, folder=folder, dist=dist, label=name))
+        last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+        for epoch in range(last):
+            order = active[epoch % len(active) :] + active[: epoch % len(active)]
+            for run in order:  # interleaved, first place alternating
+                if run.epochs_done == epoch:
+                    run.train_epoch()
+        runs = [run.result() for run in active]
+        if dist.main and all(r["finished"] for r in runs):
+            table = format_results(runs)
+            atomic_write_bytes(out / "results.md", (table + "\n").encode())
+            result = {
+                "config": asdict(cfg),
+                "processes": dist.world,
+                "runs": [summary(r) for r in runs],
+            }
+            atomic_write_bytes(out / "results.json", json.dumps(result, indent=2).encode())
+            plot(runs, out / "plot.png")
+            print(table)
+            print(f"wrote {out}/results.md, results.json, plot.png and per-run metrics")
+        elif dist.main:
+            print(f"stopped after epoch {cfg.stop_after}; continue with --resume --out {out}")
+        return runs
+    finally:
+        active.clear()  # the DDP wrappers go before the process group (destroy_distributed)
+        destroy_distributed(dist)
