@@ -10,10 +10,9 @@ from typing import Any
 from torch import nn
 
 from droppath._checks import check_choice, check_model, check_probability
-from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive
+from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive, verify
 from droppath._derived_ops import GATHER
 from droppath._fx import is_proxy
-from droppath._verify import verify
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
 from droppath.rates import DEFAULT_RULE, DEPTH_RULES
