@@ -83,17 +83,17 @@ def test_report_names_weights_and_eval(known):
 
 
 def test_branches_see_the_kept_rows_at_rate_one_minus_p(known, monkeypatch):
-    import droppath.residual as residual_module
+    import droppath._engine.draws as draws_module
 
     log = []
-    draw = residual_module._draw_rows
+    draw = draws_module.draw_rows
 
-    def recording(n, keep, device, generator, bucket):
-        idx, run = draw(n, keep, device, generator, bucket)
+    def recording(n, keep, device, **options):
+        idx, run = draw(n, keep, device, **options)
         log.append(len(idx))
         return idx, run
 
-    monkeypatch.setattr(residual_module, "_draw_rows", recording)
+    monkeypatch.setattr(draws_module, "draw_rows", recording)
     model = _model((0.4,) * 3)
     accelerate(model)
     model(torch.randn(4, 8))  # the first training call verifies each block's derived forward
