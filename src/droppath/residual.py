@@ -114,26 +114,46 @@ def drop_add_residual(
         >>> torch.equal(drop_add_residual(x, branch, p=0.5, training=False), 3 * x)
         True
     """
+    settings = (p, mode, batch_dim, scale_by_keep, strategy, bucket)
     if is_proxy(x):  # torch.fx: one node, see droppath._fx
-        spec = DropSpec(p, mode, batch_dim, scale_by_keep, strategy, bucket)
-        node: Tensor = _fx_node(x, branch, spec, training, shortcut)
+        node: Tensor = _fx_node(x, branch, DropSpec(*settings), training, shortcut)
         return node
-    check_input(x, batch_dim)
-    spec = DropSpec(p, mode, batch_dim, scale_by_keep, strategy, bucket)
-    _check_callables(branch, shortcut)
+    if training and not masks(mode, strategy):
+        # Checked and decided on the host: the rate never enters a torch.compile graph (a
+        # DropSpec built in a graph would guard on it).
+        return _host_step(x, branch, settings, shortcut, generator)
+    spec = _spec_of(x, branch, settings, shortcut)
     if not training:
         return _plain(x, branch, shortcut)
-    if spec.skips:
-        # Decided on the host: the rate never enters a torch.compile graph (see host_side).
-        return skip_add(x, branch, spec, shortcut=shortcut, generator=generator)
     return mask_add(x, branch, spec, shortcut=shortcut, generator=generator)
 
 
-def _check_callables(branch: Any, shortcut: Any) -> None:
+def _spec_of(x: Any, branch: Any, settings: tuple[Any, ...], shortcut: Any) -> DropSpec:
+    """Check the arguments of ``drop_add_residual``; return its settings as a ``DropSpec``."""
+    check_input(x, settings[2])
+    spec = DropSpec(*settings)
     if not callable(branch):
         raise TypeError(f"branch must be callable, got {type(branch).__name__}")
     if shortcut is not None and not callable(shortcut):
         raise TypeError(f"shortcut must be callable or None, got {type(shortcut).__name__}")
+    return spec
+
+
+@host_side
+def _host_step(
+    x: Tensor,
+    branch: Branch,
+    settings: tuple[Any, ...],
+    shortcut: Branch | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """A skipping training step of ``drop_add_residual``, its arguments checked on the host."""
+    spec = _spec_on_host(x, branch, settings, shortcut)
+    return skip_add(x, branch, spec, shortcut=shortcut, generator=generator)
+
+
+# Called from the host-side step, whose callees would otherwise compile.
+_spec_on_host = eager(_spec_of)
 
 
 def _plain(x: Tensor, branch: Branch, shortcut: Branch | None) -> Tensor:
