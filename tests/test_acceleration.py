@@ -158,6 +158,24 @@ def test_residual_sites_are_reported_and_bad_input_named():
         accelerate(model, batchnorm="none")
 
 
+def test_layer_drop_sites_are_reported():
+    from droppath import layer_drop
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.lin(x)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(Layer() for _ in range(2))
+    layer_drop(model, 0.2, "uniform", mode="batch")
+    report = accelerate(model)
+    assert [(r.runs, r.reason) for r in report] == [("batch skip", "droppath layer drop")] * 2
+
+
 # --- depth positions: blocks, with the empty slots -------------------------------------------
 
 
