@@ -7,7 +7,8 @@ runs on the kept rows of every argument that holds one row per sample (a tensor 
 dimension has the batch size and that has at least ``block._droppath_gather`` dimensions, 3 by
 default, inside tuples, lists and dicts too); the others are passed whole. A shared ``(tokens,
 dim)`` table whose tokens happen to equal the batch size is so never cut; a block that needs its
-2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``).
+2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``). In
+training, ``add`` takes the step of every other site, ``droppath._engine.skip_add``.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def add(
     fn: BranchFn,
     args: tuple[Any, ...],
     branch_first: bool,
+    *,
     sides: int = 0,
 ) -> Any:
     """``base + block.<site>(fn(block, *args))``, the dropped work skipped. With ``sides``, the
@@ -194,7 +196,9 @@ _SHAPES = "_droppath_shapes"
 
 
 @host_side
-def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], sides: int = 0) -> Any:
+def rows(
+    block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], *, sides: int = 0
+) -> Any:
     """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros; with
     ``sides``, followed by the values the branch returns beside its output."""
     drop = getattr(block, site)

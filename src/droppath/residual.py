@@ -114,9 +114,16 @@ def drop_add_residual(
         >>> torch.equal(drop_add_residual(x, branch, p=0.5, training=False), 3 * x)
         True
     """
-    settings = (p, mode, batch_dim, scale_by_keep, strategy, bucket)
+    settings: dict[str, Any] = {
+        "p": p,
+        "mode": mode,
+        "batch_dim": batch_dim,
+        "scale_by_keep": scale_by_keep,
+        "strategy": strategy,
+        "bucket": bucket,
+    }
     if is_proxy(x):  # torch.fx: one node, see droppath._fx
-        node: Tensor = _fx_node(x, branch, DropSpec(*settings), training, shortcut)
+        node: Tensor = _fx_node(x, branch, DropSpec(**settings), training, shortcut)
         return node
     if training and not masks(mode, strategy):
         # Checked and decided on the host: the rate never enters a torch.compile graph (a
@@ -128,10 +135,10 @@ def drop_add_residual(
     return mask_add(x, branch, spec, shortcut=shortcut, generator=generator)
 
 
-def _spec_of(x: Any, branch: Any, settings: tuple[Any, ...], shortcut: Any) -> DropSpec:
+def _spec_of(x: Any, branch: Any, settings: dict[str, Any], shortcut: Any) -> DropSpec:
     """Check the arguments of ``drop_add_residual``; return its settings as a ``DropSpec``."""
-    check_input(x, settings[2])
-    spec = DropSpec(*settings)
+    check_input(x, settings["batch_dim"])
+    spec = DropSpec(**settings)
     if not callable(branch):
         raise TypeError(f"branch must be callable, got {type(branch).__name__}")
     if shortcut is not None and not callable(shortcut):
@@ -143,7 +150,7 @@ def _spec_of(x: Any, branch: Any, settings: tuple[Any, ...], shortcut: Any) -> D
 def _host_step(
     x: Tensor,
     branch: Branch,
-    settings: tuple[Any, ...],
+    settings: dict[str, Any],
     shortcut: Branch | None,
     generator: torch.Generator | None,
 ) -> Tensor:
