@@ -10,46 +10,34 @@
 - ``step``: the step itself, :func:`skip_add` (the dropped work skipped) or :func:`mask_add`
   (the classic mask), and :func:`run`, which calls a branch from the host-side step.
 
-The public entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop``,
-``droppath._derived_ops``) check their arguments, build or read a :class:`DropSpec`, and call
-the step; nothing here checks an argument twice.
+The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop``,
+``droppath._derived_ops``) check their inputs, build or read a :class:`DropSpec` (checked when
+built), and call the step, which checks nothing again.
 """
 
-from droppath._engine.draws import Kept, draw, draw_gate, draw_rows
+from droppath._engine.draws import draw, draw_gate, draw_rows
 from droppath._engine.ops import (
     Branch,
-    add,
     eager,
     gather,
     host_side,
     keep_mask,
-    promoted,
     rows,
     scatter_add,
     skip,
     split,
 )
-from droppath._engine.spec import (
-    ALL_SETTINGS,
-    COMMON_SETTINGS,
-    DropBase,
-    DropSpec,
-    masks,
-)
-from droppath._engine.step import SUM, Combine, Subset, Sum, mask_add, run, skip_add
+from droppath._engine.spec import ALL_SETTINGS, DropBase, DropSpec, masks
+from droppath._engine.step import Combine, Subset, Sum, mask_add, run, skip_add
 
 __all__ = [
     "ALL_SETTINGS",
-    "COMMON_SETTINGS",
-    "SUM",
     "Branch",
     "Combine",
     "DropBase",
     "DropSpec",
-    "Kept",
     "Subset",
     "Sum",
-    "add",
     "draw",
     "draw_gate",
     "draw_rows",
@@ -59,7 +47,6 @@ __all__ = [
     "keep_mask",
     "mask_add",
     "masks",
-    "promoted",
     "rows",
     "run",
     "scatter_add",
