@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import droppath._derived_ops as ops
+import droppath._derive.ops as ops
 from droppath import accelerate, set_drop_rates
 
 _SIZE = ["atto", "femto", "pico", "nano", "tiny", "mini", "xxs", "xs", "small", "t", "s"]

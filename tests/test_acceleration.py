@@ -83,17 +83,17 @@ def test_report_names_weights_and_eval(known):
 
 
 def test_branches_see_the_kept_rows_at_rate_one_minus_p(known, monkeypatch):
-    import droppath.residual as residual_module
+    import droppath._engine.draws as draws_module
 
     log = []
-    draw = residual_module._draw_rows
+    draw = draws_module.draw_rows
 
-    def recording(n, keep, device, generator, bucket):
-        idx, run = draw(n, keep, device, generator, bucket)
+    def recording(n, keep, device, **options):
+        idx, run = draw(n, keep, device, **options)
         log.append(len(idx))
         return idx, run
 
-    monkeypatch.setattr(residual_module, "_draw_rows", recording)
+    monkeypatch.setattr(draws_module, "draw_rows", recording)
     model = _model((0.4,) * 3)
     accelerate(model)
     model(torch.randn(4, 8))  # the first training call verifies each block's derived forward
@@ -156,6 +156,24 @@ def test_residual_sites_are_reported_and_bad_input_named():
         accelerate(model, 0.1, "cubic")
     with pytest.raises(ValueError, match="batchnorm must be one of"):
         accelerate(model, batchnorm="none")
+
+
+def test_layer_drop_sites_are_reported():
+    from droppath import layer_drop
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.lin(x)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(Layer() for _ in range(2))
+    layer_drop(model, 0.2, "uniform", mode="batch")
+    report = accelerate(model)
+    assert [(r.runs, r.reason) for r in report] == [("batch skip", "droppath layer drop")] * 2
 
 
 # --- depth positions: blocks, with the empty slots -------------------------------------------

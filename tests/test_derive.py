@@ -13,7 +13,7 @@ from torch import nn
 
 from droppath import DropPath, accelerate
 from droppath._derive import DeriveError, derive
-from droppath._derived_ops import DroppedRows
+from droppath._derive.ops import DroppedRows
 
 D = 8
 
@@ -276,9 +276,7 @@ def test_what_cannot_be_derived_is_reported():
 def test_the_generated_code_reads_as_the_original():
     source = derive(Statements, ("drop_path",)).source
     assert "def __droppath_branch_0(self, x):" in source
-    assert "x = __droppath_add(self, 'drop_path', shortcut, __droppath_branch_0, (x,), True)" in (
-        source
-    )
+    assert "x = __droppath_radd(self, 'drop_path', shortcut, __droppath_branch_0, (x,))" in (source)
 
 
 def test_under_if_without_skip_runs_the_whole_branch():
@@ -362,7 +360,7 @@ class OutputsTuple(_Base):
 def test_values_read_after_the_site_come_back_beside_the_output():
     block = _stack(OutputsTuple, 0.5)
     assert "extra = __droppath_out_0" not in block._droppath_derived.source
-    assert "__droppath_out_0, extra = __droppath_add(" in block._droppath_derived.source
+    assert "__droppath_out_0, extra = __droppath_radd(" in block._droppath_derived.source
     block.train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import binom_pvalue, run_two_processes
 from droppath import DropPath, DropRateScheduler, Residual, drop_add_residual, drop_path
-from droppath.residual import _rows
+from droppath._engine import rows as _rows
 
 STRATEGIES = ["auto", "subset", "mask"]
 

@@ -7,7 +7,7 @@ received (``p must be a probability in [0, 1], got 1.5``).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -92,17 +92,6 @@ def check_drop_args(p: Any, mode: Any, scale_by_keep: Any) -> float:
     check_choice(mode, "mode", MODES)
     check_bool(scale_by_keep, "scale_by_keep")
     return check_probability(p)
-
-
-# The settings of droppath's drop-path modules (``DropPath``, ``Residual``, ``LayerDrop``) and
-# their checks, applied at every assignment: a bad rate fails where it is set, not at the next
-# forward.
-DROP_SETTINGS: dict[str, Callable[[Any], Any]] = {
-    "p": check_probability,
-    "mode": lambda v: check_choice(v, "mode", MODES),
-    "batch_dim": lambda v: check_int(v, "batch_dim"),
-    "scale_by_keep": lambda v: check_bool(v, "scale_by_keep"),
-}
 
 
 def check_model(model: Any, action: str) -> nn.Module:

@@ -11,12 +11,14 @@ from torch import nn
 
 from droppath._checks import check_choice, check_model, check_probability
 from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive, verify
-from droppath._derived_ops import GATHER
+from droppath._derive.ops import GATHER
+from droppath._engine import host_side
 from droppath._fx import is_proxy
+from droppath._swap import own_class, swap_class
 from droppath.drop import DropPath
-from droppath.layerdrop import is_layer_drop_site
+from droppath.layerdrop import is_layer_drop_site, layer_drop_spec
 from droppath.rates import DEFAULT_RULE, DEPTH_RULES
-from droppath.residual import Residual, _host_side
+from droppath.residual import Residual
 from droppath.sites import (
     check_reaches,
     convert,
@@ -101,19 +103,14 @@ class _AcceleratedBlock:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         return _train_forward(self, args, kwargs)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        # The class is made at run time under the block class's name, so pickle could not find it:
-        # rebuild it from the block class (torch.save of a whole model, deepcopy).
-        return (_rebuild, (type(self).__bases__[1], self._droppath_sites), self.__dict__)
-
 
 _VERIFIED, _FAILED, _CHOSEN = "_droppath_verified", "_droppath_failed", "_droppath_choice"
 
 
-@_host_side
+@host_side
 def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The training forward of an accelerated block, run on the host under torch.compile: the
-    rates are read here, so no graph guards on them (see ``droppath.residual._host_side``)."""
+    rates are read here, so no graph guards on them (see ``droppath._engine.host_side``)."""
     candidates = block._droppath_candidates
     original = _base(block).forward
     state = block.__dict__
@@ -143,7 +140,8 @@ def _choose(block: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, 
     """Check the block's derived forwards on these inputs, in order, and keep the first that
     agrees with ``original``: "" then, the first failure's reason if none does, None if the
     inputs cannot tell. Side inputs of 3 or more dimensions with the batch size are per sample;
-    if a check fails so, 2-dimensional ones too (a (batch, tokens) mask; see _derived_ops)."""
+    if a check fails so, 2-dimensional ones too
+    (a (batch, tokens) mask; see droppath._derive.ops)."""
     state = block.__dict__
     first = None
     for i, derived in enumerate(block._droppath_candidates):
@@ -159,7 +157,6 @@ def _choose(block: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, 
     return first
 
 
-_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 _DERIVED: dict[tuple[type, tuple[str, ...]], tuple[Derived, ...] | DeriveError] = {}
 
 
@@ -185,34 +182,19 @@ def _derived(cls: type, sites: tuple[str, ...]) -> tuple[Derived, ...]:
     return found
 
 
-def _accelerated_class(cls: type, sites: tuple[str, ...]) -> type:
-    """``cls`` with :class:`_AcceleratedBlock` mixed in, under ``cls``'s own name and module."""
-    key = (cls, sites)
-    if key not in _CLASSES:
-        candidates = _derived(cls, sites)
-        new = type(
-            cls.__name__,
-            (_AcceleratedBlock, cls),
-            {
-                "__module__": cls.__module__,
-                "_droppath_derived": candidates[0],
-                "_droppath_candidates": candidates,
-                "_droppath_sites": sites,
-            },
-        )
-        new.__qualname__ = cls.__qualname__
-        _CLASSES[key] = new
-    return _CLASSES[key]
-
-
-def _rebuild(cls: type, sites: tuple[str, ...]) -> Any:
-    return object.__new__(_accelerated_class(cls, sites))
+def _namespace(cls: type, sites: tuple[str, ...]) -> dict[str, Any]:
+    """The class attributes of ``cls`` accelerated at ``sites`` (see ``droppath._swap``)."""
+    candidates = _derived(cls, sites)
+    return {
+        "_droppath_derived": candidates[0],
+        "_droppath_candidates": candidates,
+        "_droppath_sites": sites,
+    }
 
 
 def _base(block: nn.Module) -> type[nn.Module]:
     """The block's own class (under the class that ``accelerate`` mixed in, if any)."""
-    cls = type(block)
-    base: type[nn.Module] = cls.__bases__[1] if issubclass(cls, _AcceleratedBlock) else cls
+    base: type[nn.Module] = own_class(block, _AcceleratedBlock)
     return base
 
 
@@ -356,7 +338,8 @@ def accelerate(
         layer = is_layer_drop_site(site)
         if layer or isinstance(site, Residual):
             kind = "layer drop" if layer else "Residual"
-            runs = BATCH if site.mode == "batch" else (MASK if _is_mask(site) else ROW)
+            spec = site.spec if isinstance(site, Residual) else layer_drop_spec(site)
+            runs = BATCH if spec.mode == "batch" else (ROW if spec.skips else MASK)
             rows[name] = SiteReport(name, type(site).__name__, rate, runs, f"droppath {kind}")
             continue
         owner, _, attr = name.rpartition(".")
@@ -368,12 +351,14 @@ def accelerate(
             adapter, reason = None, "a module of its own, not a slot of a block"
         else:
             adapter, reason = _plan(block, attrs, batchnorm)
-        cls = _base(block)
-        new = cls if adapter is None else _accelerated_class(cls, tuple(sorted(attrs)))
-        if type(block) is not new:  # a check made under another class holds no more
+        cls, before = _base(block), type(block)
+        if adapter is None:
+            block.__class__ = cls
+        else:
+            swap_class(block, _AcceleratedBlock, tuple(sorted(attrs)), namespace=_namespace)
+        if type(block) is not before:  # a check made under another class holds no more
             for key in (_VERIFIED, _FAILED, _CHOSEN):
                 block.__dict__.pop(key, None)
-        block.__class__ = new
         for attr in attrs:
             name = f"{owner_name}.{attr}" if owner_name else attr
             site = getattr(block, attr)
@@ -384,7 +369,3 @@ def accelerate(
                 runs = MASK if adapter is None else (BATCH if site.mode == "batch" else ROW)
             rows[name] = SiteReport(name, cls.__name__, rows[name].rate, runs, why)
     return AccelerationReport(rows.values())
-
-
-def _is_mask(site: nn.Module) -> bool:
-    return getattr(site, "strategy", "auto") == "mask"

@@ -5,43 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from droppath._checks import DROP_SETTINGS, check_drop_args, check_input
+from droppath._checks import check_drop_args, check_input
+from droppath._engine import DropBase, DropSpec, keep_mask
 from droppath._fx import function_node, is_proxy, module_node
 
 __all__ = ["DropPath", "drop_path"]
-
-
-def keep_mask(
-    x: Tensor,
-    p: float,
-    *,
-    mode: str,
-    batch_dim: int,
-    scale_by_keep: bool,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The multiplier of ``drop_path``: 0 for dropped rows, the scale for kept ones.
-
-    ``batch_dim`` must already be non-negative. The draw is made in float32 whatever ``x``'s dtype,
-    so that the keep probability is exact in float16 and bfloat16 as well; only the stored scale
-    ``1 / (1 - p)`` is rounded to ``x``'s dtype.
-    """
-    shape = [1] * x.dim()
-    if mode == "row":
-        shape[batch_dim] = x.shape[batch_dim]
-    keep = 1.0 - p
-    # Tensor ops with ``keep`` (not ``bernoulli_(keep)``): under torch.compile a changing rate
-    # becomes one symbolic input of the graph instead of a constant that recompiles each step.
-    if generator is None:  # rand(generator=None) fails on symbolic shapes under torch.compile
-        noise = torch.rand(shape, dtype=torch.float32, device=x.device)
-    else:
-        noise = torch.rand(shape, dtype=torch.float32, device=x.device, generator=generator)
-    mask = (noise < keep).to(torch.float32)
-    if scale_by_keep and keep > 0.0:
-        mask = mask / keep
-    return mask.to(x.dtype)
 
 
 def drop_path(
@@ -110,34 +80,7 @@ def drop_path(
     return x * mask
 
 
-class _DropBase(nn.Module):
-    """Stores and checks the settings shared by ``DropPath`` and ``Residual``.
-
-    The settings are plain attributes, so a schedule can change them on a live module between
-    steps; each assignment is checked (``module.p = 2.0`` raises there), and ``forward`` hands
-    them to the functional op. Reading them stays a plain attribute lookup, so torch.compile
-    treats a rate as it treats any float attribute.
-    """
-
-    def __init__(self, p: float, mode: str, batch_dim: int, scale_by_keep: bool) -> None:
-        super().__init__()
-        self.p = p
-        self.mode = mode
-        self.batch_dim = batch_dim
-        self.scale_by_keep = scale_by_keep
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        check = DROP_SETTINGS.get(name)
-        super().__setattr__(name, value if check is None else check(value))
-
-    def extra_repr(self) -> str:
-        return (
-            f"p={self.p}, mode={self.mode!r}, batch_dim={self.batch_dim}, "
-            f"scale_by_keep={self.scale_by_keep}"
-        )
-
-
-class DropPath(_DropBase):
+class DropPath(DropBase):
     """Drop path (stochastic depth) as a module: :func:`drop_path` with ``training=self.training``.
 
     Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016). Put it at the end of a
@@ -172,7 +115,7 @@ class DropPath(_DropBase):
     def __init__(
         self, p: float = 0.0, *, mode: str = "row", batch_dim: int = 0, scale_by_keep: bool = True
     ) -> None:
-        super().__init__(p, mode, batch_dim, scale_by_keep)
+        super().__init__(DropSpec(p, mode, batch_dim, scale_by_keep))
 
     def forward(self, x: Tensor) -> Tensor:
         if is_proxy(x):  # torch.fx: one node that follows train() / eval(), see droppath._fx

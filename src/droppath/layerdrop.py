@@ -14,27 +14,17 @@ Dropping (Zhang & He, NeurIPS 2020) and LayerSkip (Elhoushi et al., ACL 2024) tr
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from droppath._checks import (
-    MODES,
-    check_bool,
-    check_choice,
-    check_drop_args,
-    check_input,
-    check_int,
-    check_model,
-    check_probability,
-)
-from droppath.drop import _DropBase
+from droppath._checks import check_model
+from droppath._engine import DropBase, DropSpec, host_side
+from droppath._layer_step import LayerCall, drop_layer, passthrough
+from droppath._swap import swap_class
 from droppath.rates import DEFAULT_RULE, resolve_rates
-from droppath.residual import _draw_gate, _draw_rows, _eager, _host_side, _skip, _split
 
 __all__ = ["LayerDrop", "SkippedLayer", "layer_drop"]
 
@@ -50,189 +40,34 @@ STACK_PATHS = (
 )
 
 
-def _gather(obj: Any, idx: Tensor, n: int, dim: int, min_dims: int = 2) -> Any:
-    """``obj`` with every tensor of at least ``min_dims`` dimensions whose size along ``dim`` is
-    ``n`` taken at rows ``idx`` (marked dynamic along ``dim`` for torch.compile), inside tuples,
-    lists and dicts too; everything else as it is.
+class _Setting:
+    """A setting of :class:`LayerDropSettings`: read from its ``spec``; assigning it rebuilds the
+    ``spec``, and so checks the value."""
 
-    1-D tensors are left alone: in transformer layers they index positions (``cache_position``),
-    and a sequence as long as the batch would otherwise be cut. Derived forwards
-    (``droppath._derived_ops``) use it with ``min_dims=3`` first, for the same reason with
-    ``(tokens, dim)`` tables.
-    """
-    if isinstance(obj, Tensor):
-        if obj.dim() >= min_dims and obj.dim() > dim and obj.shape[dim] == n:
-            rows = obj.index_select(dim, idx)
-            torch._dynamo.maybe_mark_dynamic(rows, dim)
-            return rows
-        return obj
-    if isinstance(obj, tuple | list):
-        items = [_gather(o, idx, n, dim, min_dims) for o in obj]
-        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
-    if isinstance(obj, dict):
-        return {k: _gather(v, idx, n, dim, min_dims) for k, v in obj.items()}
-    return obj
-    if isinstance(obj, tuple | list):
-        items = [_gather(o, idx, n, dim) for o in obj]
-        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
-    if isinstance(obj, dict):
-        return {k: _gather(v, idx, n, dim) for k, v in obj.items()}
-    return obj
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
+    def __get__(self, settings: Any, owner: type | None = None) -> Any:
+        return self if settings is None else getattr(settings.spec, self.name)
 
-# The keyword arguments that hand a layer a key/value cache, in Hugging Face's current and
-# earlier releases.
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-def _cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-    """Whether the call hands the layer a key/value cache, or asks it for one (``use_cache``).
-
-    The cache must then receive every sample's keys and values: a layer that ran on a subset
-    would store a partial batch, which the next step (generation, even in train mode) cannot
-    extend.
-    """
-    if kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
-        return True
-    return any(
-        not isinstance(v, Tensor) and callable(getattr(v, "get_seq_length", None))
-        for v in (*args, *kwargs.values())
-    )
-
-
-_CACHE_WARNING = (
-    "a layer-drop layer was given a key/value cache in training, so it ran for every sample (a "
-    "cache must hold the keys and values of the whole batch). To drop layers in training, pass "
-    "use_cache=False to the forward or set model.config.use_cache = False (generate keeps "
-    "its cache)."
-)
-
-
-def _hidden(out: Any) -> Tensor:
-    """The hidden states in a layer's output: the tensor, or the first item of a tuple."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(
-        "layer output must be a tensor or a tuple whose first item is the hidden states, got "
-        f"{type(out).__name__}"
-    )
-
-
-def _with_hidden(out: Any, hidden: Tensor) -> Any:
-    """``out`` with its hidden states replaced by ``hidden``."""
-    if isinstance(out, Tensor):
-        return hidden
-    items = [hidden, *out[1:]]
-    return type(out)(items) if not hasattr(out, "_fields") else type(out)(*items)
-
-
-def _passthrough(x: Tensor, template: Any, layer: nn.Module | None) -> Any:
-    """The output of a step that drops every sample: ``x``, shaped like the layer's output."""
-    x = _skip(x, layer) if layer is not None else x
-    if template is None or template == 0:
-        return x
-    return (x, *([None] * (template - 1)))
-
-
-def _template(out: Any) -> int:
-    """What a dropped step must return: 0 for a tensor, else the tuple's length."""
-    return 0 if isinstance(out, Tensor) else len(out)
-
-
-@_eager
-def _merge(
-    x_all: Tensor, rows: Tensor, out_rows: Tensor, idx: Tensor, dim: int, s: float
-) -> Tensor:
-    """``x_all`` with rows ``idx`` set to ``rows + s * (out_rows - rows)``, exactly ``out_rows``
-    when ``s`` is 1 (``lerp`` returns its end point at weight 1)."""
-    k = idx.shape[0]
-    if out_rows.shape[dim] > k:  # rows run only to avoid a batch of one
-        out_rows, rows = out_rows.narrow(dim, 0, k), rows.narrow(dim, 0, k)
-    if out_rows.shape != rows.shape:
-        raise ValueError(
-            f"layer output must have the shape of its input, got {tuple(out_rows.shape)} for "
-            f"an input of shape {tuple(rows.shape)}"
-        )
-    new = torch.lerp(rows.to(out_rows.dtype), out_rows, s) if s != 1.0 else out_rows
-    return x_all.to(new.dtype).index_copy(dim, idx, new)
-
-
-@_host_side
-def _drop_layer(
-    fn: Callable[..., Any],
-    x: Tensor,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    settings: LayerDropSettings,
-    owner: nn.Module | None,
-    generator: torch.Generator | None = None,
-) -> Any:
-    """One training call of a layer-drop site (see :class:`LayerDrop`)."""
-    dim = check_input(x, settings.batch_dim, "hidden_states")
-    p = check_drop_args(settings.p, settings.mode, settings.scale_by_keep)
-    if p == 0.0:
-        return _call(fn, x, args, kwargs, settings, dim)
-    if _cache_passed(args, kwargs):
-        warnings.warn(_CACHE_WARNING, UserWarning, stacklevel=1)
-        return _call(fn, x, args, kwargs, settings, dim)
-    keep = 1.0 - p
-    scale = 1.0 / keep if settings.scale_by_keep and keep > 0.0 else 1.0
-    if keep == 0.0 or (settings.mode == "batch" and not _draw_gate(keep, generator)):
-        return _passthrough(x, settings.template, owner)
-    n = x.shape[dim]
-    if settings.mode == "row":
-        idx, run = _draw_rows(n, keep, x.device, generator, None)
-        k = idx.shape[0]
-        if k == 0:
-            return _passthrough(x, settings.template, owner)
-    if settings.mode == "batch" or k == n:
-        out = _call(fn, x, args, kwargs, settings, dim)
-        if scale == 1.0:
-            return out
-        return _with_hidden(out, torch.lerp(x.to(_hidden(out).dtype), _hidden(out), scale))
-    x_all, rows = _split(x, run, dim)
-    out = _call(fn, rows, _gather(args, run, n, dim), _gather(kwargs, run, n, dim), settings, dim)
-    return _with_hidden(out, _merge(x_all, rows, _hidden(out), idx, dim, scale))
-
-
-@_host_side
-def _call(
-    fn: Callable[..., Any],
-    x: Tensor,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    settings: LayerDropSettings,
-    dim: int,
-) -> Any:
-    """``fn(x, *args, **kwargs)``, remembering the output's structure for dropped steps. The
-    batch dimension is marked dynamic first, so that under torch.compile every subset size
-    reuses the graph of ``_compiled_call``."""
-    x = x.view_as(x)  # mark an alias, never the caller's tensor
-    torch._dynamo.maybe_mark_dynamic(x, dim)
-    out = _compiled_call(fn, x, args, kwargs)
-    settings.template = _template(out)
-    return out
-
-
-def _compiled_call(fn: Callable[..., Any], x: Tensor, args: Any, kwargs: Any) -> Any:
-    """Under torch.compile, one graph: the layer inlined."""
-    return fn(x, *args, **kwargs)
+    def __set__(self, settings: Any, value: Any) -> None:
+        settings.spec = replace(settings.spec, **{self.name: value})
 
 
 @dataclass
 class LayerDropSettings:
-    """The settings of a layer-drop site; ``template`` is learnt from the layer's output."""
+    """The settings of a layer that :func:`layer_drop` converted: ``spec``, and its fields as
+    attributes; ``template`` is learnt from the layer's output."""
 
-    p: float = 0.0
-    mode: str = "row"
-    batch_dim: int = 0
-    scale_by_keep: bool = True
+    spec: DropSpec = field(default_factory=DropSpec)
     template: int | None = None
+    p = _Setting()
+    mode = _Setting()
+    batch_dim = _Setting()
+    scale_by_keep = _Setting()
 
 
-class LayerDrop(_DropBase):
+class LayerDrop(DropBase):
     """Layer drop: skip a whole layer for a random subset of samples, computing only the kept ones.
 
     For a layer ``L`` whose output has its input's shape (or is a tuple whose first item has it),
@@ -302,7 +137,7 @@ class LayerDrop(_DropBase):
         batch_dim: int = 0,
         scale_by_keep: bool = True,
     ) -> None:
-        super().__init__(p, mode, batch_dim, scale_by_keep)
+        super().__init__(DropSpec(p, mode, batch_dim, scale_by_keep))
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
         self.layer = layer
@@ -311,12 +146,15 @@ class LayerDrop(_DropBase):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.training:
             return self.layer(x, *args, **kwargs)
-        settings = LayerDropSettings(
-            self.p, self.mode, self.batch_dim, self.scale_by_keep, self._template
-        )
-        out = _drop_layer(self.layer, x, args, kwargs, settings, self.layer)
-        self._template = settings.template
-        return out
+        return _module_step(self, x, args, kwargs)
+
+
+@host_side
+def _module_step(site: LayerDrop, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A training call of ``site``, its settings read on the host (see ``droppath.residual``)."""
+    call = LayerCall(site.layer, x, args, kwargs, owner=site.layer)
+    out, site._template = drop_layer(call, site.spec, site._template)
+    return out
 
 
 class _LayerDropSite:
@@ -328,35 +166,37 @@ class _LayerDropSite:
 
     @property
     def p(self) -> float:
-        return self.layer_drop.p
+        return self.layer_drop.spec.p
 
     @p.setter
     def p(self, value: float) -> None:
-        self.layer_drop.p = check_probability(value)
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        # The site class is made at run time under its layer class's name, so pickle could not
-        # find it by name: rebuild it from the layer class instead (torch.save of a whole model).
-        return (_rebuild_site, (type(self).__bases__[1],), self.__dict__)
+        self.layer_drop.p = value
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        forward = super().forward  # type: ignore[misc]
         if not self.training:
-            return forward(x, *args, **kwargs)
-        return _drop_layer(forward, x, args, kwargs, self.layer_drop, self)  # type: ignore[arg-type]
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        return _site_step(self, x, args, kwargs)
 
 
-_SITE_CLASSES: dict[type, type] = {}
+@host_side
+def _site_step(
+    site: _LayerDropSite, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """A training call of a layer that :func:`layer_drop` converted."""
+    forward = super(_LayerDropSite, site).forward  # type: ignore[misc]
+    settings = site.layer_drop
+    call = LayerCall(forward, x, args, kwargs, owner=site)  # type: ignore[arg-type]
+    out, settings.template = drop_layer(call, settings.spec, settings.template)
+    return out
 
 
-def _site_class(cls: type) -> type:
-    """``cls`` with :class:`_LayerDropSite` mixed in, under ``cls``'s own name (code that looks
-    for a layer class by name, such as FSDP wrapping policies, still finds it)."""
-    if cls not in _SITE_CLASSES:
-        site = type(cls.__name__, (_LayerDropSite, cls), {"__module__": cls.__module__})
-        site.__qualname__ = cls.__qualname__
-        _SITE_CLASSES[cls] = site
-    return _SITE_CLASSES[cls]
+def layer_drop_spec(module: nn.Module) -> DropSpec:
+    """The settings of a layer-drop site: a :class:`LayerDrop` or a converted layer."""
+    if isinstance(module, LayerDrop):
+        return module.spec
+    if not isinstance(module, _LayerDropSite):
+        raise TypeError(f"module must be a layer-drop site, got {type(module).__name__}")
+    return module.layer_drop.spec
 
 
 def layer_output_template(module: nn.Module) -> int | None:
@@ -376,13 +216,7 @@ class SkippedLayer(nn.Module):
         self.template = template
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return _passthrough(x, self.template, None)
-
-
-def _rebuild_site(layer_class: type) -> Any:
-    """An empty layer-drop site of ``layer_class``, for unpickling (its state comes next)."""
-    site = _site_class(layer_class)
-    return object.__new__(site)
+        return passthrough(x, self.template)
 
 
 def is_layer_drop_site(module: nn.Module) -> bool:
@@ -506,18 +340,16 @@ def layer_drop(
         ('Layer', ['layers.0.lin.weight', 'layers.0.lin.bias'])
     """
     check_model(model, "layer_drop")
-    check_choice(mode, "mode", MODES)
-    check_bool(scale_by_keep, "scale_by_keep")
-    check_int(batch_dim, "batch_dim")
+    checked = DropSpec(0.0, mode, batch_dim, scale_by_keep)  # before the stack is looked for
     name, stack = _named_stack(model, layers)
     names = [f"{name}.{i}" if name else str(i) for i in range(len(stack))]
     profile = [layer.p if isinstance(layer, _LayerDropSite) else 0.0 for layer in stack]
     rates = resolve_rates(len(stack), p, rule, profile)
     for layer, rate in zip(stack, rates, strict=True):
-        if not isinstance(layer, _LayerDropSite):
-            layer.__class__ = _site_class(type(layer))
-            layer.layer_drop = LayerDropSettings()  # type: ignore[assignment]
-        settings: LayerDropSettings = layer.layer_drop  # type: ignore[assignment]
-        settings.p, settings.mode = rate, mode
-        settings.batch_dim, settings.scale_by_keep = batch_dim, scale_by_keep
+        spec = replace(checked, p=rate)
+        if isinstance(layer, _LayerDropSite):
+            layer.layer_drop.spec = spec
+        else:
+            swap_class(layer, _LayerDropSite)
+            layer.layer_drop = LayerDropSettings(spec)  # type: ignore[assignment]
     return list(zip(names, rates, strict=True))

@@ -17,7 +17,7 @@ import torch
 from real_models import BATCHNORM, MODELS, RULES, build, example, output
 from torch import nn
 
-import droppath.residual as residual_module
+import droppath._engine.draws as draws_module
 from conftest import binom_pvalue, require, run_two_processes
 from droppath import (
     DropRateScheduler,
@@ -127,14 +127,14 @@ class _Replay(nn.Module):
 
 def _record_draws(monkeypatch):
     log = []
-    draw = residual_module._draw_rows
+    draw = draws_module.draw_rows
 
-    def recording(n, keep, device, generator, bucket):
-        idx, run = draw(n, keep, device, generator, bucket)
+    def recording(n, keep, device, **options):
+        idx, run = draw(n, keep, device, **options)
         log.append(idx.clone())
         return idx, run
 
-    monkeypatch.setattr(residual_module, "_draw_rows", recording)
+    monkeypatch.setattr(draws_module, "draw_rows", recording)
     return log
 
 

@@ -5,7 +5,7 @@ every call of a drop-path site, ``self.<site>(...)``, runs its branch on the kep
 
 - **a residual sum**: ``a + self.drop_path(g(x))`` (either order, ``+=``, in a ``return``, the
   shortcut any expression) becomes ``add(self, "drop_path", a, branch, args)``, which runs
-  ``branch`` on the kept rows and adds them into ``a`` (``droppath._derived_ops``);
+  ``branch`` on the kept rows and adds them into ``a`` (``droppath._derive.ops``);
 - **a row-wise module after the site**, ``a + self.ls(self.drop_path(g(x)))``, is part of the
   branch (it runs on the kept rows only);
 - **the branch**: the expression inside the call, extended backwards over the statements that

@@ -1,7 +1,7 @@
 """Code generation: the rewritten forward and its branches, compiled into one function.
 
 The branches and the forward are defined inside a factory whose parameters bind the run-time
-ops (``droppath._derived_ops``) and the class (for ``super()``), under names out of any
+ops (``droppath._derive.ops``) and the class (for ``super()``), under names out of any
 library's way; the factory's code runs with the forward's own globals.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from droppath import _derived_ops
 from droppath._derive.errors import DeriveError
+from droppath._derive.ops import add, radd, rows
 from droppath._derive.source import Source
-from droppath._derive.terms import ADD, ROWS, Branch, Output
-from droppath.residual import _host_side
+from droppath._derive.terms import ADD, RADD, ROWS, Branch, Output
+from droppath._engine import host_side
 
 __all__ = ["Derived", "generate"]
 
@@ -71,7 +71,7 @@ def _module(fdef: ast.FunctionDef, branches: list[Branch]) -> ast.Module:
     ]
     factory = _function(
         "__droppath_factory",
-        [ADD, ROWS, _CLS],
+        [ADD, RADD, ROWS, _CLS],
         [*funcs, fdef, ast.Return(ast.Name("forward", ast.Load()))],
     )
     module = ast.Module(body=[_Super().visit(factory)], type_ignores=[])
@@ -98,10 +98,10 @@ def generate(cls: type, source: Source, body: list[ast.stmt], output: Output) ->
     factory_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
     make = types.FunctionType(factory_code, fn.__globals__)
     # its own code runs on the host under torch.compile, as drop_add_residual's step does: the
-    # branches and modules it calls compile as graphs of their own (residual._host_side)
-    forward = make(_derived_ops.add, _derived_ops.rows, cls)
+    # branches and modules it calls compile as graphs of their own (droppath._engine.host_side)
+    forward = make(add, radd, rows, cls)
     forward.__defaults__ = fn.__defaults__
     forward.__kwdefaults__ = fn.__kwdefaults__
     forward.__qualname__ = f"{cls.__qualname__}.forward"
     sites_done = tuple(sorted(output.rewritten - output.kept))
-    return Derived(_host_side(forward), sites_done, text)
+    return Derived(host_side(forward), sites_done, text)

@@ -2,7 +2,7 @@
 
 A residual sum ``a + self.drop_path(g(x))`` becomes ``add(self, "drop_path", a, branch, args)``;
 any other use of a site becomes ``rows(self, "drop_path", branch, args)``
-(``droppath._derived_ops``). Each branch is recorded as a function of its own (:class:`Branch`):
+(``droppath._derive.ops``). Each branch is recorded as a function of its own (:class:`Branch`):
 its parameters (the block, the input, side inputs), the statements moved into it, and what it
 returns (its output, and beside it the values the rest of the forward reads).
 """
@@ -17,10 +17,10 @@ from droppath._derive.errors import DeriveError
 from droppath._derive.forms import calls_in, site_call, site_term
 from droppath._derive.region import Plan, Scope
 
-__all__ = ["ADD", "ROWS", "Branch", "Output", "Terms"]
+__all__ = ["ADD", "RADD", "ROWS", "Branch", "Output", "Terms"]
 
 # Names the generated code binds (closure cells of the factory), out of any library's way.
-ADD, ROWS = "__droppath_add", "__droppath_rows"
+ADD, RADD, ROWS = "__droppath_add", "__droppath_radd", "__droppath_rows"
 
 
 @dataclass
@@ -148,16 +148,13 @@ class Terms(ast.NodeTransformer):
 def _op_call(
     site: str, base: ast.expr | None, branch: str, params: list[str], branch_first: bool
 ) -> ast.Call:
-    """``rows(self, site, branch, args)``, or ``add(self, site, base, branch, args,
-    branch_first)`` for a residual sum."""
+    """``rows(self, site, branch, args)``, or ``add(self, site, base, branch, args)`` for a
+    residual sum ``base + branch`` (``radd`` for ``branch + base``)."""
     args = ast.Tuple(elts=[ast.Name(p, ast.Load()) for p in params], ctx=ast.Load())
     self_ = ast.Name("self", ast.Load())
     fn = ast.Name(branch, ast.Load())
     site_name = ast.Constant(site)
     if base is None:
         return ast.Call(ast.Name(ROWS, ast.Load()), [self_, site_name, fn, args], [])
-    return ast.Call(
-        ast.Name(ADD, ast.Load()),
-        [self_, site_name, base, fn, args, ast.Constant(branch_first)],
-        [],
-    )
+    op = RADD if branch_first else ADD
+    return ast.Call(ast.Name(op, ast.Load()), [self_, site_name, base, fn, args], [])

@@ -3,7 +3,7 @@ real inputs, under the same keep decisions, outputs and input gradients must agr
 
 During the check the block's submodules run in evaluation mode (dropout off, BatchNorm on its
 running statistics, which are not updated) and its drop-path sites are replaced by
-:class:`~droppath._derived_ops.ForcedDrop`, so that the only randomness, the keep decisions, is
+:class:`~droppath._derive.ops.ForcedDrop`, so that the only randomness, the keep decisions, is
 the same for both. Nothing of the block changes: modes and sites are restored, no ``.grad`` is
 written (``torch.autograd.grad``), and the random state is not touched.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from droppath._derived_ops import ForcedDrop
-from droppath.residual import _eager
+from droppath._derive.ops import ForcedDrop
+from droppath._engine import eager
 
 __all__ = ["verify"]
 
@@ -163,7 +163,7 @@ def _grads(out: Any, leaves: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(leaf) if d is None else d for d, leaf in pairs]
 
 
-@_eager
+@eager
 def verify(
     block: nn.Module,
     original: Callable[..., Any],

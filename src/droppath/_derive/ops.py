@@ -1,13 +1,14 @@
 """The run-time ops that derived forwards call (see ``droppath._derive``).
 
-``add(block, site, base, branch, args, branch_first)`` is ``base + block.<site>(branch(block,
-*args))`` with the dropped work skipped; ``rows(block, site, branch, args)`` is
-``block.<site>(branch(block, *args))`` with the dropped rows zeros and never computed. The branch
-runs on the kept rows of every argument that holds one row per sample (a tensor whose batch
-dimension has the batch size and that has at least ``block._droppath_gather`` dimensions, 3 by
+``add(block, site, base, branch, args)`` is ``base + block.<site>(branch(block, *args))`` with the
+dropped work skipped (``radd``: the same sum with the branch first); ``rows(block, site, branch,
+args)`` is ``block.<site>(branch(block, *args))`` with the dropped rows zeros and never computed.
+The branch runs on the kept rows of every argument that holds one row per sample (a tensor whose
+batch dimension has the batch size and that has at least ``block._droppath_gather`` dimensions, 3 by
 default, inside tuples, lists and dicts too); the others are passed whole. A shared ``(tokens,
 dim)`` table whose tokens happen to equal the batch size is so never cut; a block that needs its
-2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``).
+2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``). In training,
+``add`` takes the step of every other site, ``droppath._engine.skip_add``.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from droppath import residual
-from droppath.layerdrop import _gather
-from droppath.residual import (
-    _eager,
-    _host_side,
-    _scatter_add,
-    _skipping_add,
-    _split,
+from droppath._checks import check_input
+from droppath._engine import (
+    DropSpec,
+    Sum,
+    draw,
+    eager,
+    gather,
+    host_side,
+    scatter_add,
+    skip_add,
+    split,
 )
 
-__all__ = ["ForcedDrop", "add", "rows"]
+__all__ = ["ForcedDrop", "add", "radd", "rows"]
 
 BranchFn = Callable[..., Tensor]
 _BASE = object()  # stands for the rows of the sum's base among a branch's arguments
@@ -40,7 +44,7 @@ GATHER = "_droppath_gather"
 class _Gathered:
     """A derived site's branch as ``drop_add_residual`` calls it: ``fn(block, *args)`` with the
     sum's base (marked ``_BASE`` among the arguments) taken from the call's argument: the full
-    input, or the rows ``_split`` took. :meth:`at_rows` gives the branch of some rows, its other
+    input, or the rows ``split`` took. :meth:`at_rows` gives the branch of some rows, its other
     per-sample arguments gathered. One class for both, so that under torch.compile a branch
     compiles once for every batch size. Its ``parameters()`` are the block's, which get zero
     gradients under DDP when every sample is dropped."""
@@ -74,7 +78,7 @@ class _Gathered:
         return _at_rows(self, run, dim)
 
 
-@_eager
+@eager
 def _branch(
     fn: BranchFn, block: nn.Module, args: tuple[Any, ...], base: Any, sides: int
 ) -> _Gathered:
@@ -88,7 +92,7 @@ def _branch(
     return _Gathered(fn, block, args, ref, holder)
 
 
-@_eager
+@eager
 def _with_sides(branch: _Gathered, out: Tensor, dim: int, n: int) -> tuple[Any, ...]:
     """``(out, *the values the branch returned beside it)``. A tensor among them with a row per
     sample run, not per sample (attention weights, say), has no rows for the dropped samples: it
@@ -130,11 +134,13 @@ def _stand_in(obj: Any, dim: int, n: int) -> Any:
     return obj
 
 
-@_eager
+@eager
 def _at_rows(branch: _Gathered, run: Tensor, dim: int) -> _Gathered:
     n = int(branch.ref.shape[dim])
     min_dims = int(branch.block.__dict__.get(GATHER, 3))
-    args = tuple(a if a is _BASE else _gather(a, run, n, dim, min_dims) for a in branch.args)
+    args = tuple(
+        a if a is _BASE else gather(a, run, n, dim, min_dims=min_dims) for a in branch.args
+    )
     return _Gathered(branch.fn, branch.block, args, branch.ref, branch.sides)
 
 
@@ -151,27 +157,48 @@ def _reference(args: Any, dim: int) -> Tensor | None:
     return None
 
 
-@_host_side
+@host_side
 def add(
     block: nn.Module,
     site: str,
     base: Tensor,
     fn: BranchFn,
     args: tuple[Any, ...],
-    branch_first: bool,
+    *,
     sides: int = 0,
 ) -> Any:
     """``base + block.<site>(fn(block, *args))``, the dropped work skipped. With ``sides``, the
     branch returns that many values beside its output, which come back after the sum."""
-    drop = getattr(block, site)
-    branch = _branch(fn, block, args, base, sides)
+    return _sum(getattr(block, site), base, _branch(fn, block, args, base, sides), False, sides)
+
+
+@host_side
+def radd(
+    block: nn.Module,
+    site: str,
+    base: Tensor,
+    fn: BranchFn,
+    args: tuple[Any, ...],
+    *,
+    sides: int = 0,
+) -> Any:
+    """:func:`add` for ``block.<site>(fn(block, *args)) + base``: the branch output is the sum's
+    first operand (whose memory format the sum takes)."""
+    return _sum(getattr(block, site), base, _branch(fn, block, args, base, sides), True, sides)
+
+
+@host_side
+def _sum(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool, sides: int) -> Any:
     if isinstance(drop, ForcedDrop):
         out = drop.add(base, branch, branch_first)
     elif not drop.training:
         y = branch(base)
         out = y + base if branch_first else base + y
     else:
-        out = _training_add(drop, base, branch, branch_first)
+        # the training step: this frame runs on the host, so no graph reads the rate
+        spec = drop.spec
+        check_input(base, spec.batch_dim)
+        out = skip_add(base, branch, spec, combine=Sum(branch_first))
         if out.data_ptr() == base.data_ptr():
             # every sample dropped: the sum is the base itself, which the block may then change
             # in place (an in-place activation after the sum) while autograd still needs it
@@ -182,29 +209,13 @@ def add(
     return _with_sides(branch, out, dim, base.shape[dim])
 
 
-@_host_side  # reads the rate: never a frame of its own under torch.compile (a guard on p)
-def _training_add(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool) -> Tensor:
-    # drop_add_residual's training step, called directly: this frame runs on the host
-    return _skipping_add(
-        base,
-        branch,
-        float(drop.p),
-        None,
-        drop.mode,
-        drop.batch_dim,
-        drop.scale_by_keep,
-        "auto",
-        None,
-        None,
-        branch_first,
-    )
-
-
 _SHAPES = "_droppath_shapes"
 
 
-@_host_side
-def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], sides: int = 0) -> Any:
+@host_side
+def rows(
+    block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], *, sides: int = 0
+) -> Any:
     """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros; with
     ``sides``, followed by the values the branch returns beside its output."""
     drop = getattr(block, site)
@@ -216,30 +227,24 @@ def rows(block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], sides
     return _with_sides(branch, out, dim, branch.ref.shape[dim])
 
 
-@_host_side  # reads the rate, draws: never a frame of its own under torch.compile
+@host_side  # reads the rate, draws: never a frame of its own under torch.compile
 def _rows(drop: Any, block: nn.Module, site: str, branch: _Gathered) -> Tensor:
     if isinstance(drop, ForcedDrop):
         return drop.rows(branch)
-    p = float(drop.p)
-    if not drop.training or p == 0.0:
+    spec: DropSpec = drop.spec
+    if not drop.training or spec.p == 0.0:
         return branch(None)
-    keep = 1.0 - p
-    scale = 1.0 / keep if drop.scale_by_keep and keep > 0.0 else 1.0
     ref = branch.ref
-    dim = drop.batch_dim % ref.dim()
+    dim = spec.batch_dim % ref.dim()
     n = int(ref.shape[dim])
-    if drop.mode == "batch":
-        if keep > 0.0 and residual._draw_gate(keep, None):
-            return _remember(block, site, ref, dim, branch(None)) * scale
+    kept = draw(spec, n, ref.device)
+    if kept is True:
+        return _remember(block, site, ref, dim, branch(None)) * spec.scale
+    if kept is False:
         return _zeros(block, site, branch, ref, dim, n)
-    idx, run = residual._draw_rows(n, keep, ref.device, None, None)
-    k = idx.shape[0]
-    if k == n:
-        return _remember(block, site, ref, dim, branch(None)) * scale
-    if k == 0:
-        return _zeros(block, site, branch, ref, dim, n)
+    idx, run = kept
     out = _remember(block, site, ref, dim, branch.at_rows(run, dim)(None))
-    return _fill(out, idx, n, dim, scale)
+    return _fill(out, idx, n, dim, spec.scale)
 
 
 def _key(site: str, ref: Tensor, dim: int) -> tuple[Any, ...]:
@@ -248,7 +253,7 @@ def _key(site: str, ref: Tensor, dim: int) -> tuple[Any, ...]:
     return site, tuple(shape), ref.dtype, dim
 
 
-@_eager
+@eager
 def _remember(block: nn.Module, site: str, ref: Tensor, dim: int, out: Tensor) -> Tensor:
     """``out``, its shape per row kept for the steps that drop every row (see ``_zeros``)."""
     shape = list(out.shape)
@@ -257,7 +262,7 @@ def _remember(block: nn.Module, site: str, ref: Tensor, dim: int, out: Tensor) -
     return out
 
 
-@_eager
+@eager
 def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int, n: int) -> Tensor:
     """The output of a step that drops every row: zeros shaped like the branch's output, from the
     last run on inputs of this shape, or, the first time, from a look at two rows without
@@ -274,7 +279,7 @@ def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int
     return ref.new_zeros(shape, dtype=dtype)
 
 
-@_eager
+@eager
 def _fill(out: Tensor, idx: Tensor, n: int, dim: int, scale: float) -> Tensor:
     """A tensor of ``n`` rows along ``dim``: zeros, and ``scale`` times ``out``'s first rows at
     ``idx``."""
@@ -312,9 +317,9 @@ class ForcedDrop(nn.Module):
     def add(self, base: Tensor, branch: _Gathered, branch_first: bool) -> Tensor:
         kept, dim = self._kept(base)
         idx = kept.nonzero().squeeze(1)
-        x_all, rows_ = _split(base, idx, dim)
+        x_all, rows_ = split(base, idx, dim)
         out = branch.at_rows(idx, dim)(rows_)
-        return _scatter_add(x_all, out, idx, dim, self.scale, branch_first)
+        return scatter_add(x_all, out, idx, dim, scale=self.scale, branch_layout=branch_first)
 
     def rows(self, branch: _Gathered) -> Tensor:
         kept, dim = self._kept(branch.ref)

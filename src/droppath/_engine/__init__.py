@@ -1,0 +1,56 @@
+"""droppath's engine: the one training step that every drop-path site takes.
+
+- ``spec``: :class:`DropSpec`, a site's settings as one frozen object checked when built, and
+  :class:`DropBase`, the module base that holds one (``DropPath``, ``Residual``, ``LayerDrop``).
+- ``draws``: the random decisions, drawn on the host (:func:`draw`, :func:`draw_gate`,
+  :func:`draw_rows`).
+- ``ops``: the tensor operations (:func:`split`, :func:`scatter_add`, :func:`skip`,
+  :func:`rows`, :func:`gather`, :func:`keep_mask`) and how they run under torch.compile
+  (:func:`host_side`, :func:`eager`).
+- ``step``: the step itself, :func:`skip_add` (the dropped work skipped) or :func:`mask_add`
+  (the classic mask), and :func:`run`, which calls a branch from the host-side step.
+
+The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop``,
+``droppath._derive.ops``) check their inputs, build or read a :class:`DropSpec` (checked when
+built), and call the step, which checks nothing again.
+"""
+
+from droppath._engine.draws import draw, draw_gate, draw_rows
+from droppath._engine.ops import (
+    Branch,
+    eager,
+    gather,
+    host_side,
+    keep_mask,
+    rows,
+    scatter_add,
+    skip,
+    split,
+)
+from droppath._engine.spec import ALL_SETTINGS, DropBase, DropSpec, masks
+from droppath._engine.step import Combine, Subset, Sum, mask_add, run, skip_add
+
+__all__ = [
+    "ALL_SETTINGS",
+    "Branch",
+    "Combine",
+    "DropBase",
+    "DropSpec",
+    "Subset",
+    "Sum",
+    "draw",
+    "draw_gate",
+    "draw_rows",
+    "eager",
+    "gather",
+    "host_side",
+    "keep_mask",
+    "mask_add",
+    "masks",
+    "rows",
+    "run",
+    "scatter_add",
+    "skip",
+    "skip_add",
+    "split",
+]

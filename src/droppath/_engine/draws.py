@@ -1,0 +1,94 @@
+"""The random decisions of a skipping step, drawn on the host.
+
+Decisions are drawn from the CPU generator (``generator`` when it is a CPU generator, else the
+global one): no device synchronization, identical decisions in processes seeded alike, and exact
+replay under ``torch.utils.checkpoint``, which restores the CPU random state for recomputation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from droppath._engine.ops import eager
+from droppath._engine.spec import DropSpec
+
+# What ``draw`` returns: True (every row kept), False (every row dropped), or the indices of the
+# kept rows and those of the rows to run (the kept ones, then fillers).
+Kept = bool | tuple[Tensor, Tensor]
+
+
+def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """The generator for decisions made on the host: ``generator`` if it lives on the CPU."""
+    if generator is not None and generator.device.type == "cpu":
+        return generator
+    return None
+
+
+@eager
+def draw_gate(keep: float, *, generator: torch.Generator | None = None) -> bool:
+    """One Bernoulli(keep) decision for batch mode, drawn on the host.
+
+    The draw never waits for an accelerator and agrees across processes seeded alike (no
+    collective).
+    """
+    return bool(torch.rand((), generator=_host_generator(generator)) < keep)
+
+
+@eager
+def draw_rows(
+    n: int,
+    keep: float,
+    device: torch.device,
+    *,
+    generator: torch.Generator | None = None,
+    bucket: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The kept samples: an independent Bernoulli(keep) draw per sample, on the host.
+
+    Independent draws make every sample's keep probability exactly ``keep`` at every batch size
+    (a fixed subset size ``round(n * keep)`` would not). The count of kept samples is known on the
+    host before the branch runs, so choosing what to run needs no device synchronization.
+
+    Returns the indices of the kept samples, and those of the samples to run: the kept ones,
+    followed, with ``bucket``, by as many dropped ones as it takes to make their count a multiple
+    of ``bucket`` (or ``n``), and by one dropped sample when only one is kept: the branch never
+    sees a batch of one, which BatchNorm rejects in training and torch.compile specializes.
+    """
+    kept = torch.rand(n, generator=_host_generator(generator)) < keep
+    idx = kept.nonzero().squeeze(1)
+    run = idx
+    k = idx.shape[0]
+    if 0 < k < n:
+        size = max(2, k if bucket is None else min(n, -(-k // bucket) * bucket))
+        if size > k:
+            run = torch.cat([idx, (~kept).nonzero().squeeze(1)[: size - k]])
+    if device.type == "cpu":
+        return idx, run
+    both = torch.cat([idx, run])
+    if device.type == "cuda":
+        both = both.pin_memory()
+    both = both.to(device, non_blocking=True)
+    return both[:k], both[k:]
+
+
+@eager
+def draw(
+    spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
+) -> Kept:
+    """What a training step of ``spec`` keeps of ``n`` samples: True (all of them), False (none),
+    or ``(kept, run)`` from :func:`draw_rows`. A rate of 0 or 1 draws nothing."""
+    if spec.p == 0.0:
+        return True
+    if spec.p == 1.0:
+        return False
+    keep = 1.0 - spec.p
+    if spec.mode == "batch":
+        return draw_gate(keep, generator=generator)
+    idx, run = draw_rows(n, keep, device, generator=generator, bucket=spec.bucket)
+    k = idx.shape[0]
+    if k == 0:
+        return False
+    if k == n:
+        return True
+    return idx, run

@@ -1,0 +1,133 @@
+"""The settings of a drop-path site as one frozen object, and the module base that holds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from droppath._checks import (
+    MODES,
+    STRATEGIES,
+    check_bool,
+    check_bucket,
+    check_choice,
+    check_int,
+    check_probability,
+)
+
+# The settings every drop-path module shows as attributes (``DropPath``, ``LayerDrop``), and all
+# of them (``Residual``).
+COMMON_SETTINGS = ("p", "mode", "batch_dim", "scale_by_keep")
+ALL_SETTINGS = (*COMMON_SETTINGS, "strategy", "bucket")
+
+
+def masks(mode: str, strategy: str) -> bool:
+    """Whether a training step masks the branch output instead of skipping the dropped work:
+    row mode's ``"mask"`` strategy. The one place where that choice is made."""
+    return mode == "row" and strategy == "mask"
+
+
+@dataclass(frozen=True)
+class DropSpec:
+    """The settings of one drop-path site, checked once, when built.
+
+    The fields mean what the arguments of :func:`droppath.drop_add_residual` of the same names
+    mean; a bad value raises the error that the public entry points raise for it (``p must be a
+    probability in [0, 1], got 1.5``). ``p`` is stored as a float and ``batch_dim`` as an int (it
+    may be negative: it is made non-negative for each input). Build a changed copy with
+    ``dataclasses.replace``, which checks again.
+
+    Examples:
+        >>> from droppath._engine import DropSpec
+        >>> spec = DropSpec(0.25, mode="batch")
+        >>> spec.scale, spec.skips
+        (1.3333333333333333, True)
+        >>> DropSpec(1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: p must be a probability in [0, 1], got 1.5
+    """
+
+    p: float = 0.0
+    mode: str = "row"
+    batch_dim: int = 0
+    scale_by_keep: bool = True
+    strategy: str = "auto"
+    bucket: int | None = None
+
+    def __post_init__(self) -> None:
+        set_checked = object.__setattr__  # frozen: the checked values replace the given ones
+        set_checked(self, "p", check_probability(self.p))
+        check_choice(self.mode, "mode", MODES)
+        set_checked(self, "batch_dim", check_int(self.batch_dim, "batch_dim"))
+        check_bool(self.scale_by_keep, "scale_by_keep")
+        check_choice(self.strategy, "strategy", STRATEGIES)
+        set_checked(self, "bucket", check_bucket(self.bucket))
+
+    @property
+    def scale(self) -> float:
+        """The factor of a kept branch output: ``1 / (1 - p)`` with ``scale_by_keep``, else 1
+        (1 as well when ``p`` is 1, where nothing is kept)."""
+        keep = 1.0 - self.p
+        return 1.0 / keep if self.scale_by_keep and keep > 0.0 else 1.0
+
+    @property
+    def skips(self) -> bool:
+        """Whether a training step skips the dropped work (see :func:`masks`)."""
+        return not masks(self.mode, self.strategy)
+
+
+class DropBase(nn.Module):
+    """The base of droppath's drop-path modules: their settings, checked when assigned.
+
+    The settings are plain attributes, so a schedule can change them on a live module between
+    steps, and torch.compile reads a rate as it reads any float attribute. ``spec`` holds them
+    all as one :class:`DropSpec`, rebuilt, and so checked, at each assignment: ``module.p = 2.0``
+    raises there, not at the next forward. The host-side training steps read ``spec``. Pickles
+    hold the attributes alone (``spec`` is rebuilt from them when loaded).
+
+    Args:
+        spec: the settings.
+        names: the settings shown as attributes. Default: ``COMMON_SETTINGS``.
+    """
+
+    p: float
+    mode: str
+    batch_dim: int
+    scale_by_keep: bool
+    _spec: DropSpec
+
+    def __init__(self, spec: DropSpec, names: tuple[str, ...] = COMMON_SETTINGS) -> None:
+        super().__init__()
+        self.__dict__["_spec"] = spec
+        self.__dict__.update({name: getattr(spec, name) for name in names})
+
+    @property
+    def spec(self) -> DropSpec:
+        """The settings as one :class:`DropSpec` (assign the settings themselves to change it)."""
+        return self._spec
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ALL_SETTINGS:
+            spec = replace(self._spec, **{name: value})  # checks the new value
+            self.__dict__["_spec"] = spec
+            value = getattr(spec, name)
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
+        state.pop("_spec", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        settings = {name: state[name] for name in ALL_SETTINGS if name in state}
+        self.__dict__["_spec"] = DropSpec(**settings)
+
+    def extra_repr(self) -> str:
+        return (
+            f"p={self.p}, mode={self.mode!r}, batch_dim={self.batch_dim}, "
+            f"scale_by_keep={self.scale_by_keep}"
+        )

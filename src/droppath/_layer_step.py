@@ -1,0 +1,156 @@
+"""The training step of a layer-drop site (see ``droppath.layerdrop``).
+
+A layer ``L(x, *args, **kwargs) = x + f(x, ...)`` takes ``droppath._engine.skip_add`` as a
+residual does, with two differences: its call (:class:`LayerCall`) gathers every batch-shaped
+argument with the kept rows, and a kept row becomes ``lerp(x, L(x), scale)``, exactly ``L(x)``
+when ``scale`` is 1. A layer handed a key/value cache runs for every sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from droppath._checks import check_input
+from droppath._engine import DropSpec, Subset, eager, gather, host_side, skip_add
+
+__all__ = ["LayerCall", "drop_layer", "passthrough"]
+
+# The keyword arguments that hand a layer a key/value cache, in Hugging Face's current and
+# earlier releases.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether the call hands the layer a key/value cache, or asks it for one (``use_cache``).
+
+    The cache must then receive every sample's keys and values: a layer that ran on a subset
+    would store a partial batch, which the next step (generation, even in train mode) cannot
+    extend.
+    """
+    if kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return True
+    return any(
+        not isinstance(v, Tensor) and callable(getattr(v, "get_seq_length", None))
+        for v in (*args, *kwargs.values())
+    )
+
+
+_CACHE_WARNING = (
+    "a layer-drop layer was given a key/value cache in training, so it ran for every sample (a "
+    "cache must hold the keys and values of the whole batch). To drop layers in training, pass "
+    "use_cache=False to the forward or set model.config.use_cache = False (generate keeps "
+    "its cache)."
+)
+
+
+def _hidden(out: Any) -> Tensor:
+    """The hidden states in a layer's output: the tensor, or the first item of a tuple."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        "layer output must be a tensor or a tuple whose first item is the hidden states, got "
+        f"{type(out).__name__}"
+    )
+
+
+def _with_hidden(out: Any, hidden: Tensor) -> Any:
+    """``out`` with its hidden states replaced by ``hidden`` (``out`` itself when they are
+    its own)."""
+    if isinstance(out, Tensor):
+        return hidden
+    if hidden is out[0]:
+        return out
+    items = [hidden, *out[1:]]
+    return type(out)(items) if not hasattr(out, "_fields") else type(out)(*items)
+
+
+def passthrough(x: Tensor, template: int | None) -> Any:
+    """The output of a step that drops every sample: ``x``, shaped like the layer's output."""
+    if template is None or template == 0:
+        return x
+    return (x, *([None] * (template - 1)))
+
+
+def _template(out: Any) -> int:
+    """What a dropped step must return: 0 for a tensor, else the tuple's length."""
+    return 0 if isinstance(out, Tensor) else len(out)
+
+
+class LayerCall:
+    """One call of a layer, ``fn(x, *args, **kwargs)``, as the branch of ``skip_add``: it returns
+    the hidden states and keeps the whole output in ``out`` (None until the layer runs)."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        x: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        owner: nn.Module,
+    ) -> None:
+        self.fn, self.x, self.args, self.kwargs, self.owner = fn, x, args, kwargs, owner
+        self.out: Any = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.out = self.fn(x, *self.args, **self.kwargs)
+        return _hidden(self.out)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The layer's parameters, which get zero gradients under DDP when it is skipped."""
+        return self.owner.parameters()
+
+    @eager
+    def at_rows(self, run: Tensor, dim: int) -> LayerCall:
+        """This call for the rows ``run`` of the batch: every batch-shaped argument gathered."""
+        n = self.x.shape[dim]
+        self.args = gather(self.args, run, n, dim)
+        self.kwargs = gather(self.kwargs, run, n, dim)
+        return self
+
+
+class _Lerp:
+    """Layer drop's combination: a kept row becomes ``x + scale * (L(x) - x)``, computed as
+    ``lerp``, which gives exactly ``L(x)`` when ``scale`` is 1 (its end point at weight 1)."""
+
+    @eager
+    def whole(self, base: Tensor, out: Tensor, scale: float) -> Tensor:
+        return out if scale == 1.0 else torch.lerp(base.to(out.dtype), out, scale)
+
+    @eager
+    def subset(self, base: Tensor, out: Tensor, rows: Subset, scale: float) -> Tensor:
+        k, dim, inputs = rows.idx.shape[0], rows.dim, rows.inputs
+        if out.shape[dim] > k:  # rows run only to avoid a batch of one
+            out, inputs = out.narrow(dim, 0, k), inputs.narrow(dim, 0, k)
+        if out.shape != inputs.shape:
+            raise ValueError(
+                f"layer output must have the shape of its input, got {tuple(out.shape)} for "
+                f"an input of shape {tuple(inputs.shape)}"
+            )
+        new = torch.lerp(inputs.to(out.dtype), out, scale) if scale != 1.0 else out
+        return base.to(new.dtype).index_copy(dim, rows.idx, new)
+
+
+_LERP = _Lerp()
+
+
+@host_side
+def drop_layer(call: LayerCall, spec: DropSpec, template: int | None) -> tuple[Any, int | None]:
+    """One training call of a layer-drop site with settings ``spec``: the layer's output, and the
+    structure of its outputs (``template``, learnt from the last call that ran the layer)."""
+    check_input(call.x, spec.batch_dim, "hidden_states")
+    if spec.p > 0.0 and _cache_passed(call.args, call.kwargs):
+        warnings.warn(_CACHE_WARNING, UserWarning, stacklevel=1)
+        spec = replace(spec, p=0.0)
+    hidden = skip_add(call.x, call, spec, combine=_LERP)
+    if call.out is None:  # every sample dropped: the layer never ran
+        return passthrough(hidden, template), template
+    return _with_hidden(call.out, hidden), _template(call.out)
