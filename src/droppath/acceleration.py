@@ -311,7 +311,7 @@ def accelerate(
         >>> model[1].drop_path
         DropPath(p=0.2, mode='row', batch_dim=0, scale_by_keep=True)
         >>> print(type(model[1])._droppath_derived.source)  # what runs in training
-        def __droppath_factory(__droppath_add, __droppath_rows, __droppath_cls):
+        def __droppath_factory(__droppath_add, __droppath_radd, __droppath_rows, __droppath_cls):
         <BLANKLINE>
             def __droppath_branch_0(self, x):
                 x = self.lin(x).relu()
@@ -319,7 +319,7 @@ def accelerate(
         <BLANKLINE>
             def forward(self, x):
                 shortcut = x
-                return __droppath_add(self, 'drop_path', shortcut, __droppath_branch_0, (x,), True)
+                return __droppath_radd(self, 'drop_path', shortcut, __droppath_branch_0, (x,))
             return forward
         >>> y = model.train()(torch.randn(8, 4))  # checks it on the first call, then uses it
         >>> model[1].__dict__["_droppath_verified"]
