@@ -137,3 +137,15 @@ def test_helpers_are_small_and_options_keyword_only(name):
 def test_library_modules_are_short(name):
     lines = len(MODULES[name].read_text().splitlines())
     assert lines < MAX_LIBRARY_LINES, f"{MODULES[name]} has {lines} lines"
+
+
+def test_the_design_page_maps_every_module():
+    import re
+
+    page = (SRC.parent / "docs" / "design.md").read_text()
+    placed = set(re.findall(r"[├└]── (\S+)", page))
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            assert path.name in placed, f"docs/design.md does not place {path}"
+        elif path.parent != PACKAGE:
+            assert f"{path.parent.name}/" in placed, f"docs/design.md does not place {path.parent}"
