@@ -4,8 +4,9 @@ Usage: python benchmarks/render.py [FOLDER] [--plot PNG] (FOLDER defaults to ben
 One row per file, ordered by kind, mode, rate and rule; the row's title and the columns come from
 each report's config and variant fields, never from display labels. With --plot, also write a PNG
 (matplotlib, imported only then): per setup, the step time of the libraries' formulation and of
-droppath's over the baseline, against the ideal (the kept fraction of branch work), and
-droppath's activation memory over the libraries'. The docs' benchmark page shows these plots.
+droppath's over the baseline, against the ideal (the kept work: measured in FLOPs for a library
+model, else the mean kept fraction of the sites), and droppath's activation memory over the
+libraries'. The docs' benchmark page shows these plots.
 """
 
 import argparse
@@ -92,11 +93,14 @@ def table(reports: list[dict]) -> str:
         ours = next(r for r in report["results"] if is_droppath(r["variant"]))
         cells["memory"] = f"{ours['memory_ratio_to_mask_multiply']:.2f}"
         cells["ideal"] = f"{report['kept_fraction']:.3f}"
+        if "kept_work" in report:  # a library model's: the FLOPs droppath's step keeps
+            cells["kept work"] = f"{report['kept_work']:.3f}"
         baseline = f"{report['results'][0]['name']} ms"  # plain, or a library model's original
         cells[baseline] = f"{report['results'][0]['step_ms']:.1f}"
         rows.append((title(report["config"]), cells))
     baselines = [f"{c} ms" for c in ("plain", "original") if any(f"{c} ms" in r for _, r in rows)]
-    cols = [*baselines, *columns, "eval", "ideal", "memory"]
+    work = ["kept work"] if any("kept work" in r for _, r in rows) else []
+    cols = [*baselines, *columns, "eval", "ideal", *work, "memory"]
     lines = ["| setup | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, cells in rows:
         lines.append(f"| {name} | " + " | ".join(cells.get(c, "") for c in cols) + " |")
@@ -134,7 +138,7 @@ def plot(reports: list[dict], path: str) -> None:
     ax_time.barh(
         ours_y, [v["ratio"] for v in ours], 0.4 if pair else 0.6, color="#1f77b4", label="droppath"
     )
-    ideal = [r["kept_fraction"] for r in reports]
+    ideal = [r.get("kept_work", r["kept_fraction"]) for r in reports]
     ax_time.scatter(
         ideal,
         ours_y,

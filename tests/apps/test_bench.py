@@ -170,3 +170,16 @@ def test_cli_model_needs_its_library(monkeypatch, capsys):
     assert main(["bench", "--model", "timm:resnet50", "--reps", "1", "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model 'timm:resnet50' needs timm: pip install timm" in err[0], err
+
+
+def test_step_flops_counts_forward_and_backward_and_averages_the_draws():
+    from droppath.apps.bench.timing import step_flops
+
+    # a linear layer, input without grad: forward and the weight's gradient, 2 * B * in * out each
+    assert step_flops(nn.Linear(4, 3), torch.randn(5, 4), 2) == 2 * (2 * 5 * 4 * 3)
+    full = 2 * (2 * 64 * 8 * 8)
+    assert step_flops(Residual(nn.Linear(8, 8), p=0.0), torch.randn(64, 8), 1) == full
+    assert step_flops(Residual(nn.Linear(8, 8), p=1.0), torch.randn(64, 8), 1) == 0
+    torch.manual_seed(0)
+    kept = step_flops(Residual(nn.Linear(8, 8), p=0.5), torch.randn(64, 8), 200) / full
+    assert abs(kept - 0.5) < 0.02  # 200 steps of 64 rows: the standard error is 0.0044

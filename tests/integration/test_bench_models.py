@@ -25,8 +25,11 @@ def test_model_bench_runs_every_variant(model):
     assert [r["name"] for r in report["results"]] == ["original", "accelerate", "accelerate p=0"]
     assert all(r["step_ms"] > 0 for r in report["results"])
     assert 0.5 <= report["kept_fraction"] < 1.0  # the library's rates, up to 0.5
+    # the FLOPs droppath's step keeps: above the mean keep rate (stem, head and the
+    # unskippable work count in full), below the original's
+    assert report["kept_fraction"] - 0.1 < report["kept_work"] < 1.0
     table = format_table(report)
-    assert f"model={model}" in table and "vs original" in table
+    assert f"model={model}" in table and "vs original" in table and "kept work" in table
 
 
 def test_cli_model_bench_writes_json(tmp_path, capsys):

@@ -36,6 +36,8 @@ def format_table(report: dict[str, Any]) -> str:
     machine = report["machine"]
     where = f"torch {machine['torch']}, {machine['device']}, {machine['torch_threads']} threads"
     kept = f"kept fraction {report['kept_fraction']:.3f}"
+    if "kept_work" in report:
+        kept += f", kept work {report['kept_work']:.3f} (FLOPs)"
     if cfg["kind"] == "model":
         head = (
             f"model={cfg['model']} image={cfg['image']} batch={cfg['batch']} p={cfg['p']} "

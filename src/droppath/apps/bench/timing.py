@@ -23,6 +23,7 @@ __all__ = [
     "interleaved_times",
     "paired_ratio",
     "peak_memory",
+    "step_flops",
 ]
 
 
@@ -70,6 +71,20 @@ def _activation_bytes(model: nn.Module, x: Tensor) -> int:
     if loss.requires_grad:
         loss.backward()
     return sum(seen.values())
+
+
+def step_flops(model: nn.Module, x: Tensor, reps: int) -> float:
+    """Mean floating-point operations of ``reps`` training steps (forward and backward), as
+    ``torch.utils.flop_counter`` counts them (matrix products and convolutions). Over steps that
+    draw their own keep decisions, the mean is the work a variant does on average."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for _ in range(reps):
+        with FlopCounterMode(display=False) as counter:
+            _step(model, x)
+        total += counter.get_total_flops()
+    return total / reps
 
 
 def peak_memory(model: nn.Module, x: Tensor, reps: int) -> float:
