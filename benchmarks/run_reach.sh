@@ -8,6 +8,6 @@ set -euo pipefail
 out=${1:-benchmarks/results/reach}
 mkdir -p "$out"
 b() { name=$1; shift; echo "## $name"; droppath bench --no-progress --json "$out/$name.json" "$@"; echo; }
-b pvt_v2_b1-p0.5 --model timm:pvt_v2_b1 --image 96 --batch 32 -p 0.5 --threads 2 --reps 10 --warmup 2
-b caformer_s18-p0.5 --model timm:caformer_s18 --image 96 --batch 32 -p 0.5 --threads 2 --reps 10 --warmup 2
-b dinov3_vit-p0.5 --model transformers:dinov3_vit --image 96 --batch 32 -p 0.5 --threads 2 --reps 10 --warmup 2
+b pvt_v2_b1-p0.5 --model timm:pvt_v2_b1 --image 96 --batch 32 -p 0.5 --threads 2 --reps 20 --warmup 2
+b caformer_s18-p0.5 --model timm:caformer_s18 --image 96 --batch 32 -p 0.5 --threads 2 --reps 20 --warmup 2
+b dinov3_vit-p0.5 --model transformers:dinov3_vit --image 96 --batch 32 -p 0.5 --threads 2 --reps 20 --warmup 2

@@ -146,6 +146,26 @@ class Statement2(_Base):
         return x
 
 
+class AssignedUnderIf(_Base):
+    """Hugging Face VitDet: sizes assigned under an ``if`` in the branch and read under the same
+    condition later in it; they have no value before the branch (they are no argument of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windowed = True
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm(x)
+        if self.windowed:
+            tokens = x.shape[1]
+            x, pad = x[:, :4], x[:, 4:]
+        x = self.fc(x)
+        if self.windowed:
+            x = torch.cat([x, pad], dim=1)[:, :tokens]
+        return shortcut + self.drop_path(x)
+
+
 FORMS = [
     Expression,
     Reversed,
@@ -160,6 +180,7 @@ FORMS = [
     TupleSide,
     Concatenated,
     Statement2,
+    AssignedUnderIf,
 ]
 
 

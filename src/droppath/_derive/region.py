@@ -39,6 +39,8 @@ class Scope:
     sites: frozenset[str]
     locals: frozenset[str]
     keep_shared: bool
+    params: frozenset[str] = frozenset()
+    body: tuple[ast.stmt, ...] = ()
 
     @staticmethod
     def of(
@@ -47,7 +49,19 @@ class Scope:
         names = set(params)
         for stmt in body:
             names |= effects(stmt)[0]
-        return Scope(frozenset(sites), frozenset(names), keep_shared)
+        return Scope(
+            frozenset(sites), frozenset(names), keep_shared, frozenset(params), tuple(body)
+        )
+
+    def assigned_outside(self, region: list[ast.stmt]) -> set[str]:
+        """The names that have a value before ``region`` may run: the parameters and what the
+        forward's other statements assign (a statement that holds the region counts, so a region
+        inside a loop or an ``if`` keeps every name it could find from before)."""
+        names = set(self.params)
+        for stmt in self.body:
+            if not any(stmt is r for r in region):
+                names |= effects(stmt)[0]
+        return names
 
 
 class Plan(NamedTuple):
@@ -164,7 +178,10 @@ def plan_branch(
     # what the moved statements compute and the rest of the forward reads (attention
     # weights, say) the branch returns beside its output
     live = sorted(read_later(region_assigns, stmt, expr, rest)) if region_assigns else []
-    return Plan(expr, region, needed & scope.locals, live)
+    # a name the region reads that only the region assigns (under an ``if`` in one statement,
+    # read under the same condition in another) has no value before it: not an argument
+    unbound = region_assigns - scope.assigned_outside(region)
+    return Plan(expr, region, (needed & scope.locals) - unbound, live)
 
 
 def _movable(stmt: ast.stmt, base_reads: set[str], sites: Collection[str]) -> bool:
