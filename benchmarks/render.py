@@ -29,15 +29,24 @@ def title(cfg: dict) -> str:
         threads = f", {cfg['threads']} thread(s)" if cfg.get("threads") else ""
         return (
             f"{cfg['model']}, image {cfg['image']}, batch {cfg['batch']}, "
-            f"drop_path_rate = {cfg['p']}{threads}"
+            f"drop_path_rate = {cfg['p']}{_how(cfg)}{threads}"
         )
     kind = KINDS[cfg["kind"]] if cfg["kind"] != "conv" or cfg["depth"] == 54 else "ResNet trunk"
     rate = (
         f"p = {cfg['p']} uniform" if cfg["rule"] == "uniform" else f"linear decay to p = {cfg['p']}"
     )
-    compiled = ", torch.compile" if cfg.get("compile") else ""
     threads = f", {cfg['threads']} thread(s)" if cfg.get("threads") else ""
-    return f"{kind}, {cfg['mode']} mode, {rate}{compiled}{threads}"
+    return f"{kind}, {cfg['mode']} mode, {rate}{_how(cfg)}{threads}"
+
+
+def _how(cfg: dict) -> str:
+    """How the steps ran, where it is not the default: autocast, channels_last, compiled."""
+    parts = [
+        f", {cfg['autocast']} autocast" if cfg.get("autocast") else "",
+        ", channels_last" if cfg.get("channels_last") else "",
+        ", torch.compile" if cfg.get("compile") else "",
+    ]
+    return "".join(parts)
 
 
 def order(report: dict) -> tuple:
@@ -51,6 +60,7 @@ def order(report: dict) -> tuple:
         -cfg["p"],
         cfg["rule"] or "",
         bool(cfg.get("compile")),
+        cfg.get("autocast") or "",
         cfg.get("threads") or 0,
     )
 

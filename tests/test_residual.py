@@ -610,6 +610,25 @@ def test_ddp_two_processes(tmp_path, mode, strategy):
     _run_distributed(tmp_path, mode, strategy, "ddp")
 
 
+def test_ddp_one_process_with_every_block_skipped(tmp_path):
+    """A group of one process: DDP's reducer still wants a gradient for every parameter, so a
+    skipped block's parameters get zeros (without them DDP raises on the next step)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(Residual(nn.Linear(4, 4), p=1.0, mode="batch"), nn.Linear(4, 1))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        for _ in range(3):
+            ddp(torch.randn(8, 4)).sum().backward()
+        assert torch.equal(model[0].branch.weight.grad, torch.zeros(4, 4))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("mode", ["row", "batch"])
 def test_fsdp2_two_processes(tmp_path, mode):
     _run_distributed(tmp_path, mode, "auto", "fsdp")

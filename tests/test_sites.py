@@ -1,5 +1,7 @@
 """Tests of droppath.sites: site detection, empty slots, set_drop_rates, convert."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -158,6 +160,12 @@ class TestNothingToActOn:
             UserWarning, match="accelerate found nothing to act on in this Sequential"
         ):
             assert len(accelerate(model)) == 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            accelerate(model, 0.0)  # one warning: accelerate's, not also set_drop_rates'
+        assert [str(w.message).split(":")[0] for w in caught] == [
+            "accelerate found nothing to act on in this Sequential"
+        ]
         with pytest.warns(UserWarning, match="set_drop_rates found nothing to act on"):
             assert set_drop_rates(model, 0.0) == []
         with pytest.warns(UserWarning, match="DropRateScheduler found nothing to act on"):

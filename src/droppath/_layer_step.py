@@ -1,7 +1,7 @@
 """The training step of a layer-drop site (see ``droppath.layerdrop``).
 
 A layer ``L(x, *args, **kwargs) = x + f(x, ...)`` takes ``droppath._engine.skip_add`` as a
-residual does, with two differences: its call (:class:`LayerCall`) gathers every batch-shaped
+residual does, with two differences: its call (``LayerCall``) gathers every batch-shaped
 argument with the kept rows, and a kept row becomes ``lerp(x, L(x), scale)``, exactly ``L(x)``
 when ``scale`` is 1. A layer handed a key/value cache runs for every sample.
 """

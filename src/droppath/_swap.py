@@ -47,7 +47,7 @@ def mixed_class(
 
 
 def own_class(module: nn.Module, mixin: type) -> type:
-    """The class of ``module`` under ``mixin``, if :func:`swap_class` mixed it in, else its
+    """The class of ``module`` under ``mixin``, if ``swap_class`` mixed it in, else its
     class."""
     cls = type(module)
     made = cls.__dict__.get(_MADE)

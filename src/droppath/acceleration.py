@@ -36,10 +36,10 @@ BATCHNORM_CHOICES = ("mask", "subset")
 
 @dataclass(frozen=True)
 class SiteReport:
-    """How one drop-path site runs after :func:`accelerate`.
+    """How one drop-path site runs after ``accelerate``.
 
     Attributes:
-        name: the site's qualified module name (the same as :func:`drop_path_sites` gives).
+        name: the site's qualified module name (the same as ``drop_path_sites`` gives).
         block: the class name of the block that holds it.
         rate: its drop rate at the time of the call.
         runs: ``"row subset"`` (the branch runs on the kept samples), ``"batch skip"`` (a dropped
@@ -56,9 +56,9 @@ class SiteReport:
 
 
 class AccelerationReport(tuple[SiteReport, ...]):
-    """What :func:`accelerate` did: one :class:`SiteReport` per site, in forward order.
+    """What ``accelerate`` did: one ``SiteReport`` per site, in forward order.
 
-    A tuple of rows (usable as data), printed as a table; :meth:`counts` sums up how they run.
+    A tuple of rows (usable as data), printed as a table; ``counts`` sums up how they run.
     """
 
     def counts(self) -> dict[str, int]:
@@ -86,7 +86,7 @@ def _key(cls: type) -> str:
 
 
 class _AcceleratedBlock:
-    """Mixed into a block's class by :func:`accelerate`: in training, while a site of the block has
+    """Mixed into a block's class by ``accelerate``: in training, while a site of the block has
     a rate above 0, the block runs the forward derived from its class's (the dropped work
     skipped), once that forward has been verified on the block; otherwise its own ``forward``,
     untouched."""
@@ -163,7 +163,7 @@ _DERIVED: dict[tuple[type, tuple[str, ...]], tuple[Derived, ...] | DeriveError] 
 def _derived(cls: type, sites: tuple[str, ...]) -> tuple[Derived, ...]:
     """The derived forwards of ``cls`` for ``sites``, made once per class: the rewrite, and a
     more conservative one when it differs (``keep_shared``, tried if the first fails its check).
-    Raises :class:`DeriveError` (also remembered)."""
+    Raises ``DeriveError`` (also remembered)."""
     key = (cls, sites)
     if key not in _DERIVED:
         try:
@@ -245,17 +245,17 @@ def accelerate(
     In place, in one call:
 
     1. The model's drop-path modules become ``droppath.DropPath`` with the same rate, mode and
-       scaling (:func:`convert`), and its empty slots (``nn.Identity`` or None where the library
+       scaling (``convert``), and its empty slots (``nn.Identity`` or None where the library
        put no module for a rate of 0) receive a ``DropPath(0.0)``: a model built with
        ``drop_path_rate=0`` can be given stochastic depth. With ``p``, the rates are set by
-       ``rule`` (:func:`set_drop_rates`): by default the model's own profile scaled to ``p``,
+       ``rule`` (``set_drop_rates``): by default the model's own profile scaled to ``p``,
        or ``"linspace"``, what the libraries compute, for a model built with rate 0. A ``p``
        above 0 on a model with no drop-path module and no empty slot raises ``ValueError``;
        without one, such a model gets a warning.
     2. Each block that holds sites gets a training forward derived from its class's installed
        source (``droppath._derive``): each residual ``a + drop_path(g(x))``, whatever its form
        (an expression, the statements since the shortcut was taken, under an ``if``, a layer
-       scale after the site), runs as :func:`drop_add_residual` does: ``g`` on the kept samples
+       scale after the site), runs as ``drop_add_residual`` does: ``g`` on the kept samples
        only (row mode) or not at all when a step is dropped (batch mode), with the site's own
        rate, mode and scaling, decisions drawn on the host and zero gradients for skipped
        parameters under DDP. Side inputs with one row per sample (attention masks, rotary
@@ -278,7 +278,7 @@ def accelerate(
         model: a model of timm, torchvision or Hugging Face transformers (or any module).
         p: the largest rate for ``rule``, or one rate per site; None keeps the model's rates.
             Default: None.
-        rule: a depth rule of :func:`depth_rates`: ``"model"`` keeps the model's own profile
+        rule: a depth rule of ``depth_rates``: ``"model"`` keeps the model's own profile
             scaled to ``p`` (``"linspace"`` where its rates are all 0); the positional rules go
             over blocks (empty slots included), and with ``"linspace"`` the rates are timm's,
             torchvision's and transformers'; EfficientNet's are ``"efficientnet"``. Default:
@@ -287,7 +287,7 @@ def accelerate(
             Default: ``"mask"``.
 
     Returns:
-        An :class:`AccelerationReport`: for every site, its name, rate and how it runs.
+        An ``AccelerationReport``: for every site, its name, rate and how it runs.
 
     Examples:
         >>> import torch
@@ -329,7 +329,7 @@ def accelerate(
     check_reaches(model, p, "accelerate")  # a p that reaches nothing raises, else a warning
     model = convert(model)
     fill_slots(model)
-    if p is not None:
+    if p is not None and drop_path_sites(model):  # else check_reaches has warned already
         set_drop_rates(model, p, rule)
     rows: dict[str, SiteReport] = {}
     owners: dict[str, list[str]] = {}

@@ -30,7 +30,7 @@ def drop_path(
     per-sample form used by most modern models: each sample of ``x`` is kept with probability
     ``1 - p`` and zeroed otherwise; kept samples are multiplied by ``1 / (1 - p)`` so that the
     expectation is unchanged. Apply it to the branch of a residual block, ``x + drop_path(f(x))``.
-    The branch is still computed for every sample; :func:`droppath.drop_add_residual` skips it.
+    The branch is still computed for every sample; ``droppath.drop_add_residual`` skips it.
 
     Args:
         x: the input, of any floating dtype and rank >= 1.
@@ -81,7 +81,7 @@ def drop_path(
 
 
 class DropPath(DropBase):
-    """Drop path (stochastic depth) as a module: :func:`drop_path` with ``training=self.training``.
+    """Drop path (stochastic depth) as a module: ``drop_path`` with ``training=self.training``.
 
     Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016). Put it at the end of a
     residual branch: ``x + DropPath(p)(branch(x))``.

@@ -6,8 +6,8 @@ run ``L`` on the kept subset only, with every batch-shaped argument (attention m
 embeddings, ...) gathered the same way. LayerDrop (Fan et al., ICLR 2020), Progressive Layer
 Dropping (Zhang & He, NeurIPS 2020) and LayerSkip (Elhoushi et al., ACL 2024) train this way.
 
-- :class:`LayerDrop` wraps a layer (its state dict gains the prefix ``layer.``).
-- :func:`layer_drop` turns the layers of a model's layer stack into layer-drop sites in place,
+- ``LayerDrop`` wraps a layer (its state dict gains the prefix ``layer.``).
+- ``layer_drop`` turns the layers of a model's layer stack into layer-drop sites in place,
   keeping every state-dict key, parameter object and class name: a pretrained checkpoint loads with
   ``strict=True``, and the model saves and reloads as a plain one.
 """
@@ -41,7 +41,7 @@ STACK_PATHS = (
 
 
 class _Setting:
-    """A setting of :class:`LayerDropSettings`: read from its ``spec``; assigning it rebuilds the
+    """A setting of ``LayerDropSettings``: read from its ``spec``; assigning it rebuilds the
     ``spec``, and so checks the value."""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -56,7 +56,7 @@ class _Setting:
 
 @dataclass
 class LayerDropSettings:
-    """The settings of a layer that :func:`layer_drop` converted: ``spec``, and its fields as
+    """The settings of a layer that ``layer_drop`` converted: ``spec``, and its fields as
     attributes; ``template`` is learnt from the layer's output."""
 
     spec: DropSpec = field(default_factory=DropSpec)
@@ -88,7 +88,7 @@ class LayerDrop(DropBase):
     and values. Hugging Face models pass a cache in training too while ``config.use_cache`` is
     on, so pass ``use_cache=False`` in training (or set ``model.config.use_cache = False``;
     ``generate`` keeps its cache); a layer that runs whole for a cache in training warns.
-    Draws are made on the host, as :class:`droppath.Residual` makes them (no device
+    Draws are made on the host, as ``droppath.Residual`` makes them (no device
     synchronization, replayed by checkpointing), and skipped parameters get zero gradients in a
     distributed run. Other outputs of a tuple (attention weights, say) come from the kept samples
     only; a step that drops every sample returns ``None`` for them.
@@ -158,7 +158,7 @@ def _module_step(site: LayerDrop, x: Tensor, args: tuple[Any, ...], kwargs: dict
 
 
 class _LayerDropSite:
-    """Mixed into the class of a layer by :func:`layer_drop`: its ``forward`` becomes a layer-drop
+    """Mixed into the class of a layer by ``layer_drop``: its ``forward`` becomes a layer-drop
     site's, with the settings in ``self.layer_drop``; ``p`` reads and sets the rate."""
 
     layer_drop: LayerDropSettings
@@ -182,7 +182,7 @@ class _LayerDropSite:
 def _site_step(
     site: _LayerDropSite, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """A training call of a layer that :func:`layer_drop` converted."""
+    """A training call of a layer that ``layer_drop`` converted."""
     forward = super(_LayerDropSite, site).forward  # type: ignore[misc]
     settings = site.layer_drop
     call = LayerCall(forward, x, args, kwargs, owner=site)  # type: ignore[arg-type]
@@ -191,7 +191,7 @@ def _site_step(
 
 
 def layer_drop_spec(module: nn.Module) -> DropSpec:
-    """The settings of a layer-drop site: a :class:`LayerDrop` or a converted layer."""
+    """The settings of a layer-drop site: a ``LayerDrop`` or a converted layer."""
     if isinstance(module, LayerDrop):
         return module.spec
     if not isinstance(module, _LayerDropSite):
@@ -208,7 +208,7 @@ def layer_output_template(module: nn.Module) -> int | None:
 
 
 class SkippedLayer(nn.Module):
-    """A layer removed by :func:`droppath.prune`: returns its hidden states unchanged (in a tuple
+    """A layer removed by ``droppath.prune``: returns its hidden states unchanged (in a tuple
     padded with ``None`` when the removed layer returned a tuple)."""
 
     def __init__(self, template: int | None = None) -> None:
@@ -220,7 +220,7 @@ class SkippedLayer(nn.Module):
 
 
 def is_layer_drop_site(module: nn.Module) -> bool:
-    """Whether ``module`` is a :class:`LayerDrop` or a layer that :func:`layer_drop` converted."""
+    """Whether ``module`` is a ``LayerDrop`` or a layer that ``layer_drop`` converted."""
     return isinstance(module, LayerDrop | _LayerDropSite)
 
 
@@ -296,27 +296,27 @@ def layer_drop(
 ) -> list[tuple[str, float]]:
     """Make every layer of a model's layer stack a layer-drop site, in place.
 
-    Each layer computes as :class:`LayerDrop` does, with rates by ``rule`` across depth. The
+    Each layer computes as ``LayerDrop`` does, with rates by ``rule`` across depth. The
     layers stay where they are, with their class name, parameters and buffers: ``state_dict()``
     keys and ``named_parameters()`` are unchanged, a checkpoint of the plain model loads with
     ``strict=True``, and the model's own save (``save_pretrained``) writes a plain checkpoint.
     ``set_drop_rates``, ``DropRateScheduler`` and ``prune`` see the layers as drop-path sites
     (``prune`` deletes a Hugging Face model's layers and updates its config, so that
     ``save_pretrained`` writes the pruned model). Calling it again on the same model changes the
-    settings. A layer handed a key/value cache runs for every sample (see :class:`LayerDrop`):
+    settings. A layer handed a key/value cache runs for every sample (see ``LayerDrop``):
     train with ``use_cache=False`` or ``model.config.use_cache = False``.
 
     Args:
         model: a model with a layer stack, e.g. a Hugging Face causal LM (Llama-family
             ``model.layers``, GPT-2 ``transformer.h``; see ``STACK_PATHS``).
-        p: the largest rate for ``rule`` (see :func:`droppath.depth_rates`), or one rate per layer.
-        rule: a depth rule of :func:`droppath.depth_rates`. ``"model"`` keeps the rates of layers
+        p: the largest rate for ``rule`` (see ``droppath.depth_rates``), or one rate per layer.
+        rule: a depth rule of ``droppath.depth_rates``. ``"model"`` keeps the rates of layers
             that are layer-drop sites already (a second call), scaled to ``p``, and is
             ``"linspace"`` for a stack without them. Default: ``"model"``.
         layers: the stack, as an ``nn.ModuleList`` of ``model`` or its qualified name. Default:
             found by ``STACK_PATHS``.
         mode: ``"row"`` or ``"batch"``. Default: ``"row"``.
-        scale_by_keep: see :class:`LayerDrop`. Default: True.
+        scale_by_keep: see ``LayerDrop``. Default: True.
         batch_dim: the dimension of the hidden states that indexes samples. Default: 0.
 
     Returns:

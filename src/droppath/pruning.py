@@ -1,4 +1,4 @@
-"""Pruning for inference: :func:`prune` removes for good the blocks with the highest rates.
+"""Pruning for inference: ``prune`` removes for good the blocks with the highest rates.
 
 Each removed block becomes what it computes when dropped: its shortcut, or its input for a layer.
 """
@@ -75,13 +75,13 @@ def prune(model: nn.Module, k: int) -> dict[str, Any]:
     with stochastic depth keeps working, cheaper, at inference (Fan et al., "Reducing Transformer
     Depth on Demand with Structured Dropout", ICLR 2020). Ties go to the deeper block.
 
-    Layers of a Hugging Face decoder-only model (the stack :func:`droppath.layer_drop` finds,
+    Layers of a Hugging Face decoder-only model (the stack ``droppath.layer_drop`` finds,
     counted by ``config.num_hidden_layers``) are deleted from their ``nn.ModuleList`` instead: the
     remaining layers are renumbered (state-dict keys and the ``layer_idx`` of the key/value cache),
     and the config's layer count and per-layer lists (``layer_types``, ...) follow, so that
     ``save_pretrained`` writes the pruned model and ``from_pretrained`` loads it back as it is.
     Only droppath's ``Residual`` blocks and layer-drop layers can be pruned: drop paths inside
-    other blocks (timm's, or those :func:`droppath.accelerate` runs) cannot.
+    other blocks (timm's, or those ``droppath.accelerate`` runs) cannot.
 
     Args:
         model: a model containing ``droppath.Residual`` blocks or layer-drop sites; changed in

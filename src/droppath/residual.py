@@ -199,7 +199,7 @@ def _fx_node(x: Any, branch: Branch, spec: DropSpec, training: Any, shortcut: An
 class Residual(DropBase):
     """A residual block ``shortcut(x) + drop_path(branch(x))`` that skips the dropped work.
 
-    The module form of :func:`drop_add_residual` (see there for the modes and strategies), after
+    The module form of ``drop_add_residual`` (see there for the modes and strategies), after
     Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016).
 
     Args:

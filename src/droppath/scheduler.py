@@ -1,4 +1,4 @@
-"""Drop rates over training: :class:`DropRateScheduler` and its time rules.
+"""Drop rates over training: ``DropRateScheduler`` and its time rules.
 
 A time rule multiplies the depth rates (``droppath.rates``, set on the sites of
 ``droppath.sites``) by a factor per training step. The rules are one table, ``TIME_RULE_TABLE``:
@@ -45,7 +45,7 @@ _REQUIRED: Any = object()
 @dataclass(frozen=True)
 class RuleOption:
     """An option of a time rule: its name, how a value is checked and converted (the check's
-    error names the option), and its default, if it has one (else it is :attr:`required`)."""
+    error names the option), and its default, if it has one (else it is ``required``)."""
 
     name: str
     parse: Callable[[Any], Any]
@@ -59,7 +59,7 @@ class RuleOption:
 
 @dataclass(frozen=True)
 class TimeRule:
-    """A time rule of :class:`DropRateScheduler`: ``factor(step, options)`` multiplies the depth
+    """A time rule of ``DropRateScheduler``: ``factor(step, options)`` multiplies the depth
     rates at ``step`` (counted from 0)."""
 
     name: str
@@ -150,10 +150,10 @@ class DropRateScheduler:
     """Set the drop rates of a model's drop-path sites by depth and by training step.
 
     In the style of ``torch.optim.lr_scheduler``: construct it once (it sets the rates of step 0),
-    call :meth:`step` once per training iteration (or :meth:`step_to` with a trainer's own step
-    counter), and save :meth:`state_dict` with the checkpoint.
+    call ``step`` once per training iteration (or ``step_to`` with a trainer's own step
+    counter), and save ``state_dict`` with the checkpoint.
     The rate of a site at step ``t`` is its base rate times ``f(t)``. The base rates are what
-    :func:`set_drop_rates` gives for ``p`` and ``depth_rule``, read from the model once, at
+    ``set_drop_rates`` gives for ``p`` and ``depth_rule``, read from the model once, at
     construction: with the default ``"model"`` rule, the model's own profile then, scaled to
     ``p`` (never the rates the scheduler sets later). The time rule ``f`` is one of:
 
@@ -175,14 +175,14 @@ class DropRateScheduler:
       ``1 - l / L * (1 - theta(t))`` keep probability for layer ``l`` of ``L``.
 
     The scheduler keeps the sites' names and finds them on the model at each step, so it drives
-    the modules that run even when :func:`droppath.accelerate` or :func:`convert` replaces them
+    the modules that run even when ``droppath.accelerate`` or ``convert`` replaces them
     after it was built.
 
     Args:
-        model: the model whose sites (see :func:`drop_path_sites`) are scheduled; not a traced
+        model: the model whose sites (see ``drop_path_sites``) are scheduled; not a traced
             ``torch.fx.GraphModule``.
         p: the largest rate for the depth rule, or one rate per site.
-        depth_rule: see :func:`depth_rates`. Default: ``"model"``.
+        depth_rule: see ``depth_rates``. Default: ``"model"``.
         time_rule: one of the rules above. Default: ``"constant"``.
         total_steps: the planned number of steps, if known; a rule option that counts steps
             (``warmup_steps``, ``cutoff_step``) must not exceed it. Default: None.
@@ -267,7 +267,7 @@ class DropRateScheduler:
         """Go to training step ``step`` (counted from 0) and set its rates on the model.
 
         For a training loop that keeps its own step counter (a trainer callback, a resumed
-        run): the schedule then follows that counter, forward or back, and :meth:`step`
+        run): the schedule then follows that counter, forward or back, and ``step``
         continues from ``step``. ``last_step`` holds the step now.
 
         Examples:

@@ -4,7 +4,7 @@ Drop-path sites are found by duck typing, without importing the libraries that d
 droppath's ``DropPath`` and ``Residual``; timm's ``DropPath`` (attribute ``drop_prob``);
 torchvision's ``StochasticDepth`` (attributes ``p`` and ``mode``); and the ``*DropPath`` classes
 of Hugging Face transformers (attribute ``drop_prob``). An empty slot is where those libraries
-put no module for a rate of 0 (see :func:`empty_slots`).
+put no module for a rate of 0 (see ``empty_slots``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def drop_path_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def is_drop_path_site(module: nn.Module) -> bool:
-    """Whether ``module`` is a drop-path site (one that :func:`drop_path_sites` lists)."""
+    """Whether ``module`` is a drop-path site (one that ``drop_path_sites`` lists)."""
     return _kind(module) is not None
 
 
@@ -270,10 +270,10 @@ def set_drop_rates(
 
     Args:
         model: any module (not a traced ``torch.fx.GraphModule``); its sites are found by
-            :func:`drop_path_sites`.
-        p: the largest rate for ``rule`` (see :func:`depth_rates`), or an explicit sequence with
+            ``drop_path_sites``.
+        p: the largest rate for ``rule`` (see ``depth_rates``), or an explicit sequence with
             one rate per site (empty slots excluded).
-        rule: a depth rule of :func:`depth_rates`. Default: ``"model"``.
+        rule: a depth rule of ``depth_rates``. Default: ``"model"``.
 
     Returns:
         ``(qualified module name, rate)`` for every site set, in forward order.
@@ -302,7 +302,7 @@ def resolve_site_rates(
     model: nn.Module, p: float | Sequence[float], rule: str
 ) -> list[tuple[str, float]]:
     """The rate ``p`` and ``rule`` give each drop-path site of ``model``, set on none of them:
-    what :func:`set_drop_rates` sets, for ``p`` and ``rule`` as there.
+    what ``set_drop_rates`` sets, for ``p`` and ``rule`` as there.
 
     The empty slots that get a rate above 0 are filled first (with ``DropPath(0.0)``), so the
     sites listed are those of the model after the call, in forward order.

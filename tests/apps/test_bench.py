@@ -142,6 +142,8 @@ def test_compiled_bench_runs_every_variant():
         ),
         (["--model", "timm:resnet50"], "depth does not apply to a library model"),
         (["--image", "64"], "image applies to a library model only"),
+        (["--autocast", "fp8"], "autocast must be one of 'bfloat16', 'float16', got 'fp8'"),
+        (["--channels-last"], "channels_last applies to kind 'conv' or a library model"),
     ],
 )
 def test_cli_mistakes_are_one_line(args, message, capsys):
@@ -183,3 +185,25 @@ def test_step_flops_counts_forward_and_backward_and_averages_the_draws():
     torch.manual_seed(0)
     kept = step_flops(Residual(nn.Linear(8, 8), p=0.5), torch.randn(64, 8), 200) / full
     assert abs(kept - 0.5) < 0.02  # 200 steps of 64 rows: the standard error is 0.0044
+
+
+def test_autocast_and_channels_last_reach_the_step(tmp_path):
+    """``--autocast bfloat16 --channels-last``: the convolutions run in bfloat16, on
+    channels_last tensors, and the JSON says how the steps ran."""
+    seen = []
+
+    def record(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            seen.append((out.dtype, out.is_contiguous(memory_format=torch.channels_last)))
+
+    path = tmp_path / "r.json"
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        args = ["bench", "--kind", "conv", "--depth", "3", "--batch", "4", "--reps", "1"]
+        more = ["--warmup", "0", "--autocast", "bfloat16", "--channels-last", "--no-progress"]
+        assert main([*args, *more, "--json", str(path)]) == 0
+    finally:
+        hook.remove()
+    cfg = json.loads(path.read_text())["config"]
+    assert cfg["autocast"] == "bfloat16" and cfg["channels_last"] is True
+    assert seen and all(dtype == torch.bfloat16 and last for dtype, last in seen), set(seen)

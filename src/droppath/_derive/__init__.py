@@ -1,6 +1,6 @@
 """Derive, from a block class's installed source, a training forward that skips dropped work.
 
-:func:`derive` reads the class's ``forward`` (``inspect`` + ``ast``) and writes a new one in which
+``derive`` reads the class's ``forward`` (``inspect`` + ``ast``) and writes a new one in which
 every call of a drop-path site, ``self.<site>(...)``, runs its branch on the kept samples only:
 
 - **a residual sum**: ``a + self.drop_path(g(x))`` (either order, ``+=``, in a ``return``, the
@@ -16,9 +16,9 @@ every call of a drop-path site, ``self.<site>(...)``, runs its branch on the kep
 - **any other use** of a site (its output concatenated, returned, ...) becomes ``rows(...)``: the
   branch runs on the kept rows, and the dropped rows are zeros.
 
-Nothing here is trusted: :func:`verify` runs the result against the class's own forward under the
+Nothing here is trusted: ``verify`` runs the result against the class's own forward under the
 same keep decisions before a block uses it. A forward this package cannot read or rewrite raises
-:class:`DeriveError`, which says which step failed and why, in one line.
+``DeriveError``, which says which step failed and why, in one line.
 
 The steps, one module each: ``source`` reads the forward; ``analysis`` tells what each statement
 assigns and reads; ``forms`` matches the uses of a site; ``region`` chooses the statements that

@@ -81,7 +81,7 @@ def _module(fdef: ast.FunctionDef, branches: list[Branch]) -> ast.Module:
 
 def generate(cls: type, source: Source, body: list[ast.stmt], output: Output) -> Derived:
     """The forward of ``source`` with the rewritten ``body`` and the branches of ``output``,
-    compiled. Raises :class:`DeriveError` if the generated code does not compile."""
+    compiled. Raises ``DeriveError`` if the generated code does not compile."""
     fdef, fn = source.tree, source.fn
     fdef.body = body
     fdef.decorator_list = []

@@ -44,7 +44,7 @@ GATHER = "_droppath_gather"
 class _Gathered:
     """A derived site's branch as ``drop_add_residual`` calls it: ``fn(block, *args)`` with the
     sum's base (marked ``_BASE`` among the arguments) taken from the call's argument: the full
-    input, or the rows ``split`` took. :meth:`at_rows` gives the branch of some rows, its other
+    input, or the rows ``split`` took. ``at_rows`` gives the branch of some rows, its other
     per-sample arguments gathered. One class for both, so that under torch.compile a branch
     compiles once for every batch size. Its ``parameters()`` are the block's, which get zero
     gradients under DDP when every sample is dropped."""
@@ -96,7 +96,7 @@ def _branch(
 def _with_sides(branch: _Gathered, out: Tensor, dim: int, n: int) -> tuple[Any, ...]:
     """``(out, *the values the branch returned beside it)``. A tensor among them with a row per
     sample run, not per sample (attention weights, say), has no rows for the dropped samples: it
-    comes back as :class:`DroppedRows`, which raises when it is used."""
+    comes back as ``DroppedRows``, which raises when it is used."""
     if branch.sides is None:
         return (out,)
     if not branch.sides:  # the branch never ran (every sample dropped): run it on two rows
@@ -182,7 +182,7 @@ def radd(
     *,
     sides: int = 0,
 ) -> Any:
-    """:func:`add` for ``block.<site>(fn(block, *args)) + base``: the branch output is the sum's
+    """``add`` for ``block.<site>(fn(block, *args)) + base``: the branch output is the sum's
     first operand (whose memory format the sum takes)."""
     return _sum(getattr(block, site), base, _branch(fn, block, args, base, sides), True, sides)
 

@@ -2,9 +2,9 @@
 
 A branch extends backwards from the site over the statements that compute what it reads, since
 the shortcut was taken, as long as moving them after the keep decision changes nothing the rest
-of the forward reads (:func:`plan_branch`). A value computed into a name and added to the
-shortcut later is folded into the sum first (:func:`fold`), and the statements that read a
-tensor's sizes run again on the kept rows (:func:`shape_statements`).
+of the forward reads (``plan_branch``). A value computed into a name and added to the
+shortcut later is folded into the sum first (``fold``), and the statements that read a
+tensor's sizes run again on the kept rows (``shape_statements``).
 """
 
 from __future__ import annotations

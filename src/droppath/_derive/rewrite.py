@@ -1,10 +1,10 @@
 """The walk over a forward's statements that rewrites each use of a site.
 
 A simple statement (an assignment, ``+=``, a ``return``, an expression) gets its site terms
-replaced (:class:`~droppath._derive.terms.Terms`), with the statements of its branch's region
-moved into the branch (:mod:`droppath._derive.region`); the bodies of ``if``, ``for``, ``while``
+replaced (``Terms``), with the statements of its branch's region
+moved into the branch (``droppath._derive.region``); the bodies of ``if``, ``for``, ``while``
 and ``with`` are walked in turn, and a branch that starts before an ``if`` is hoisted into it.
-A site called in any other statement raises :class:`DeriveError`.
+A site called in any other statement raises ``DeriveError``.
 """
 
 from __future__ import annotations

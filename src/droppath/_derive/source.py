@@ -1,7 +1,7 @@
 """Reading a block class's ``forward``: its installed source, parsed into a syntax tree.
 
 A forward this cannot read (no Python function, no source, a closure over local names) raises
-:class:`DeriveError` with step ``"parse"``.
+``DeriveError`` with step ``"parse"``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A residual sum ``a + self.drop_path(g(x))`` becomes ``add(self, "drop_path", a, branch, args)``;
 any other use of a site becomes ``rows(self, "drop_path", branch, args)``
-(``droppath._derive.ops``). Each branch is recorded as a function of its own (:class:`Branch`):
+(``droppath._derive.ops``). Each branch is recorded as a function of its own (``Branch``):
 its parameters (the block, the input, side inputs), the statements moved into it, and what it
 returns (its output, and beside it the values the rest of the forward reads).
 """
@@ -46,7 +46,7 @@ class Output:
 class Terms(ast.NodeTransformer):
     """Replaces the site terms of one statement by calls of the run-time ops. The first term
     takes the statements of ``plan`` into its branch, with the ``shapes`` statements run again
-    on the kept rows (:func:`~droppath._derive.region.shape_statements`)."""
+    on the kept rows (``shape_statements``)."""
 
     def __init__(
         self,

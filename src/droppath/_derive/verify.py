@@ -3,7 +3,7 @@ real inputs, under the same keep decisions, outputs and input gradients must agr
 
 During the check the block's submodules run in evaluation mode (dropout off, BatchNorm on its
 running statistics, which are not updated) and its drop-path sites are replaced by
-:class:`~droppath._derive.ops.ForcedDrop`, so that the only randomness, the keep decisions, is
+``ForcedDrop``, so that the only randomness, the keep decisions, is
 the same for both. Nothing of the block changes: modes and sites are restored, no ``.grad`` is
 written (``torch.autograd.grad``), and the random state is not touched.
 """

@@ -1,17 +1,17 @@
 """droppath's engine: the one training step that every drop-path site takes.
 
-- ``spec``: :class:`DropSpec`, a site's settings as one frozen object checked when built, and
-  :class:`DropBase`, the module base that holds one (``DropPath``, ``Residual``, ``LayerDrop``).
-- ``draws``: the random decisions, drawn on the host (:func:`draw`, :func:`draw_gate`,
-  :func:`draw_rows`).
-- ``ops``: the tensor operations (:func:`split`, :func:`scatter_add`, :func:`skip`,
-  :func:`rows`, :func:`gather`, :func:`keep_mask`) and how they run under torch.compile
-  (:func:`host_side`, :func:`eager`).
-- ``step``: the step itself, :func:`skip_add` (the dropped work skipped) or :func:`mask_add`
-  (the classic mask), and :func:`run`, which calls a branch from the host-side step.
+- ``spec``: ``DropSpec``, a site's settings as one frozen object checked when built, and
+  ``DropBase``, the module base that holds one (``DropPath``, ``Residual``, ``LayerDrop``).
+- ``draws``: the random decisions, drawn on the host (``draw``, ``draw_gate``,
+  ``draw_rows``).
+- ``ops``: the tensor operations (``split``, ``scatter_add``, ``skip``,
+  ``rows``, ``gather``, ``keep_mask``) and how they run under torch.compile
+  (``host_side``, ``eager``).
+- ``step``: the step itself, ``skip_add`` (the dropped work skipped) or ``mask_add``
+  (the classic mask), and ``run``, which calls a branch from the host-side step.
 
 The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop``,
-``droppath._derive.ops``) check their inputs, build or read a :class:`DropSpec` (checked when
+``droppath._derive.ops``) check their inputs, build or read a ``DropSpec`` (checked when
 built), and call the step, which checks nothing again.
 """
 

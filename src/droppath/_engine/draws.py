@@ -77,7 +77,7 @@ def draw(
     spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
 ) -> Kept:
     """What a training step of ``spec`` keeps of ``n`` samples: True (all of them), False (none),
-    or ``(kept, run)`` from :func:`draw_rows`. A rate of 0 or 1 draws nothing."""
+    or ``(kept, run)`` from ``draw_rows``. A rate of 0 or 1 draws nothing."""
     if spec.p == 0.0:
         return True
     if spec.p == 1.0:

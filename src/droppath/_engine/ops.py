@@ -117,11 +117,12 @@ class _Split(torch.autograd.Function):
 
 
 def _needs_touch() -> bool:
+    # with a process group, DDP may wrap the model: its reducer wants a gradient for every
+    # parameter at every step, a single process included
     return (
         torch.is_grad_enabled()
         and torch.distributed.is_available()
         and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
     )
 
 

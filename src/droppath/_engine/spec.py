@@ -33,7 +33,7 @@ def masks(mode: str, strategy: str) -> bool:
 class DropSpec:
     """The settings of one drop-path site, checked once, when built.
 
-    The fields mean what the arguments of :func:`droppath.drop_add_residual` of the same names
+    The fields mean what the arguments of ``droppath.drop_add_residual`` of the same names
     mean; a bad value raises the error that the public entry points raise for it (``p must be a
     probability in [0, 1], got 1.5``). ``p`` is stored as a float and ``batch_dim`` as an int (it
     may be negative: it is made non-negative for each input). Build a changed copy with
@@ -75,7 +75,7 @@ class DropSpec:
 
     @property
     def skips(self) -> bool:
-        """Whether a training step skips the dropped work (see :func:`masks`)."""
+        """Whether a training step skips the dropped work (see ``masks``)."""
         return not masks(self.mode, self.strategy)
 
 
@@ -84,7 +84,7 @@ class DropBase(nn.Module):
 
     The settings are plain attributes, so a schedule can change them on a live module between
     steps, and torch.compile reads a rate as it reads any float attribute. ``spec`` holds them
-    all as one :class:`DropSpec`, rebuilt, and so checked, at each assignment: ``module.p = 2.0``
+    all as one ``DropSpec``, rebuilt, and so checked, at each assignment: ``module.p = 2.0``
     raises there, not at the next forward. The host-side training steps read ``spec``. Pickles
     hold the attributes alone (``spec`` is rebuilt from them when loaded).
 
@@ -106,7 +106,7 @@ class DropBase(nn.Module):
 
     @property
     def spec(self) -> DropSpec:
-        """The settings as one :class:`DropSpec` (assign the settings themselves to change it)."""
+        """The settings as one ``DropSpec`` (assign the settings themselves to change it)."""
         return self._spec
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -55,7 +55,7 @@ class Subset(NamedTuple):
 
 
 class Combine(Protocol):
-    """How a kept branch output joins the base of the step (see :class:`Sum`)."""
+    """How a kept branch output joins the base of the step (see ``Sum``)."""
 
     def whole(self, base: Tensor, out: Tensor, scale: float) -> Tensor:
         """Every row kept: ``out`` is the branch's output on all of them."""
@@ -102,14 +102,14 @@ def skip_add(
 
     Batch mode draws one decision and calls ``branch`` only when it keeps the step; row mode draws
     one decision per sample along ``spec.batch_dim`` and calls ``branch`` on the kept samples
-    only (see :func:`droppath.drop_add_residual`). ``combine`` joins the kept output to the base
+    only (see ``droppath.drop_add_residual``). ``combine`` joins the kept output to the base
     (default: the residual sum). ``x`` must have been checked (a floating tensor with the batch
     dimension); a branch with an ``at_rows(run, dim)`` method gives the branch for those rows
     (a derived branch, whose per-sample side inputs are gathered too).
 
     Under torch.compile this frame runs eagerly, so the rate and the draws never enter a graph (no
     guard on ``p``, no recompilation when a schedule changes it), while ``branch`` and
-    ``shortcut`` compile, through :func:`run`, as graphs of their own, with the batch dimension
+    ``shortcut`` compile, through ``run``, as graphs of their own, with the batch dimension
     dynamic from the first call: the full batch and every subset size share one graph.
     """
     dim = spec.batch_dim % x.dim()

@@ -12,7 +12,7 @@ from droppath.sites import site_rate
 
 
 class ScheduleAtStep:
-    """Builds a :class:`droppath.DropRateScheduler` for a model when training starts, with the
+    """Builds a ``droppath.DropRateScheduler`` for a model when training starts, with the
     arguments given here, and sets the rates of schedule step ``k`` for optimizer step ``k``
     (counted from 0), which is what the trainer's own step counter says: a resumed run continues
     with the rates of its step."""

@@ -1,4 +1,4 @@
-"""A PyTorch Lightning callback that schedules drop rates: :class:`DropRateCallback`.
+"""A PyTorch Lightning callback that schedules drop rates: ``DropRateCallback``.
 
 Needs ``lightning`` (or ``pytorch_lightning``).
 """
@@ -21,7 +21,7 @@ __all__ = ["DropRateCallback"]
 class DropRateCallback(pl.Callback):  # type: ignore[misc]
     """Schedule the drop rates of the ``LightningModule`` under training.
 
-    Takes :class:`droppath.DropRateScheduler`'s arguments without the model. When fitting starts,
+    Takes ``droppath.DropRateScheduler``'s arguments without the model. When fitting starts,
     it builds the scheduler for the module; before each training batch it sets the rates of
     schedule step ``trainer.global_step`` (the optimizer steps done so far, so the ``k``-th
     optimizer step runs with the rates of step ``k``, with gradient accumulation too); it logs
@@ -31,7 +31,7 @@ class DropRateCallback(pl.Callback):  # type: ignore[misc]
     Args:
         p: the largest rate for the depth rule, or one rate per site.
         **scheduler_options: ``depth_rule``, ``time_rule``, ``total_steps`` and the time rule's
-            options, as for :class:`droppath.DropRateScheduler`.
+            options, as for ``droppath.DropRateScheduler``.
 
     Examples:
         >>> from droppath.integrations.lightning import DropRateCallback  # doctest: +SKIP
@@ -46,7 +46,7 @@ class DropRateCallback(pl.Callback):  # type: ignore[misc]
 
     @property
     def scheduler(self) -> Any:
-        """The :class:`droppath.DropRateScheduler`, once fitting has started."""
+        """The ``droppath.DropRateScheduler``, once fitting has started."""
         return self._schedule.scheduler
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

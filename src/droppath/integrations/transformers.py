@@ -1,4 +1,4 @@
-"""A Hugging Face ``Trainer`` callback that schedules drop rates: :class:`DropRateCallback`.
+"""A Hugging Face ``Trainer`` callback that schedules drop rates: ``DropRateCallback``.
 
 Needs ``transformers``.
 """
@@ -18,7 +18,7 @@ __all__ = ["DropRateCallback"]
 class DropRateCallback(TrainerCallback):  # type: ignore[misc]
     """Schedule the drop rates of the model that a Hugging Face ``Trainer`` trains.
 
-    Takes :class:`droppath.DropRateScheduler`'s arguments without the model. When training starts
+    Takes ``droppath.DropRateScheduler``'s arguments without the model. When training starts
     it builds the scheduler for the trainer's model; at the beginning of each optimizer step it sets
     the rates of schedule step ``state.global_step`` (the ``k``-th optimizer step runs with the
     rates of step ``k``, with gradient accumulation too). The step is the trainer's, which its
@@ -29,7 +29,7 @@ class DropRateCallback(TrainerCallback):  # type: ignore[misc]
     Args:
         p: the largest rate for the depth rule, or one rate per site.
         **scheduler_options: ``depth_rule``, ``time_rule``, ``total_steps`` and the time rule's
-            options, as for :class:`droppath.DropRateScheduler`.
+            options, as for ``droppath.DropRateScheduler``.
 
     Examples:
         >>> from droppath.integrations.transformers import DropRateCallback  # doctest: +SKIP
@@ -44,7 +44,7 @@ class DropRateCallback(TrainerCallback):  # type: ignore[misc]
 
     @property
     def scheduler(self) -> Any:
-        """The :class:`droppath.DropRateScheduler`, once training has started."""
+        """The ``droppath.DropRateScheduler``, once training has started."""
         return self._schedule.scheduler
 
     def on_train_begin(

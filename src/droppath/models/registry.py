@@ -25,8 +25,8 @@ def build_model(
 ) -> nn.Module:
     """A reference model for images of ``image_size`` with ``in_channels`` channels.
 
-    ``name`` is ``"resnet"`` (:class:`CifarResNet`, ``depth`` 6n + 2, default 110) or ``"vit"``
-    (:class:`SmallViT`, ``depth`` blocks, default 6); ``drop`` holds ``p``, ``rule``, ``mode`` and
+    ``name`` is ``"resnet"`` (``CifarResNet``, ``depth`` 6n + 2, default 110) or ``"vit"``
+    (``SmallViT``, ``depth`` blocks, default 6); ``drop`` holds ``p``, ``rule``, ``mode`` and
     ``strategy``.
     """
     if name == "resnet":

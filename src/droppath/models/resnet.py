@@ -122,7 +122,7 @@ class CifarResNet(nn.Module):
         num_classes: classifier outputs. Default: 10.
         in_channels: image channels. Default: 3.
         p: the drop rate of the last block. Default: 0.5 (the paper's choice).
-        rule: the depth rule (see :func:`droppath.depth_rates`). Default: ``"linear"``.
+        rule: the depth rule (see ``droppath.depth_rates``). Default: ``"linear"``.
         mode: ``"batch"`` or ``"row"``. Default: ``"batch"``.
         strategy: the row-mode strategy of each ``Residual``. Default: ``"auto"``.
         widths: the channels of the three stages. Default: (16, 32, 64).
@@ -194,5 +194,5 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(depth: int = 110, num_classes: int = 10, **kwargs: object) -> CifarResNet:
-    """Shorthand for :class:`CifarResNet`; ``cifar_resnet(110)`` is the paper's ResNet-110."""
+    """Shorthand for ``CifarResNet``; ``cifar_resnet(110)`` is the paper's ResNet-110."""
     return CifarResNet(depth, num_classes, **kwargs)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ def mlp_branch(dim: int, hidden: int) -> nn.Sequential:
 class SmallViT(nn.Module):
     """A pre-norm ViT (Dosovitskiy et al. 2021) sized for 32x32 or 8x8 images.
 
-    Each transformer block is two :class:`droppath.Residual` sites, attention then MLP, that share
+    Each transformer block is two ``droppath.Residual`` sites, attention then MLP, that share
     the block's rate; rates rise across blocks by the depth rule, as in DeiT and timm.
 
     Args:

@@ -4,12 +4,12 @@ Every variant trains the same stack (same weights, same input) and the variants 
 in one process, in a rotating order, after warm-up; the table shows medians and ratios to the
 plain residual (no drop path at all).
 
-One module per concern: :mod:`~droppath.apps.bench.config` (what to time),
-:mod:`~droppath.apps.bench.baselines` (what droppath is compared with),
-:mod:`~droppath.apps.bench.models` and :mod:`~droppath.apps.bench.library_models` (the models),
-:mod:`~droppath.apps.bench.variants` (the variants and the rewriting),
-:mod:`~droppath.apps.bench.timing` (interleaved timing, memory),
-:mod:`~droppath.apps.bench.run` (:func:`run_bench`) and :mod:`~droppath.apps.bench.report`
+One module per concern: ``config`` (what to time),
+``baselines`` (what droppath is compared with),
+``models`` and ``library_models`` (the models),
+``variants`` (the variants and the rewriting),
+``timing`` (interleaved timing, memory),
+``run`` (``run_bench``) and ``report``
 (the table, the JSON).
 """
 

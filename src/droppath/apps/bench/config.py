@@ -1,4 +1,4 @@
-"""What ``droppath bench`` times: :class:`BenchConfig`, checked when it is built, and the device."""
+"""What ``droppath bench`` times: ``BenchConfig``, checked when it is built, and the device."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from droppath._checks import (
 )
 from droppath.rates import DEPTH_RULES
 
-__all__ = ["KINDS", "LIBRARIES", "BenchConfig", "check_device"]
+__all__ = ["AUTOCAST", "KINDS", "LIBRARIES", "BenchConfig", "check_device"]
 
 KINDS = ("mlp", "attn", "conv", "vit", "llama")
+AUTOCAST = ("bfloat16", "float16")  # the dtypes a step's forward can run in under autocast
 LIBRARIES = ("timm", "torchvision", "transformers")
 
 
@@ -25,7 +26,9 @@ LIBRARIES = ("timm", "torchvision", "transformers")
 class BenchConfig:
     """What ``droppath bench`` times: a stack of ``kind``, or with ``model`` ("timm:NAME",
     "torchvision:NAME" or "transformers:MODEL_TYPE") a library's model, original vs
-    :func:`droppath.accelerate`, at the library's own rates for ``p`` on ``image``-pixel images."""
+    ``droppath.accelerate``, at the library's own rates for ``p`` on ``image``-pixel images.
+    ``autocast``: each step's forward under ``torch.autocast`` in that dtype (as timm and DINOv2
+    train); ``channels_last``: the model and its images in that memory format (convnets)."""
 
     kind: str = "mlp"
     depth: int | None = None
@@ -43,9 +46,13 @@ class BenchConfig:
     bucket: int | None = None
     model: str | None = None
     image: int | None = None
+    autocast: str | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.p = check_probability(self.p)
+        if self.autocast is not None:
+            check_choice(self.autocast, "autocast", AUTOCAST)
         self.reps = check_positive_int(self.reps, "reps")
         self.warmup = check_positive_int(self.warmup, "warmup", minimum=0)
         if self.threads is not None:
@@ -72,6 +79,10 @@ class BenchConfig:
         self.batch = check_positive_int(self.batch or (16 if llama else 64), "batch")
         self.tokens = check_positive_int(self.tokens or (128 if llama else 32), "tokens")
         self.bucket = check_bucket(self.bucket)
+        if self.channels_last and self.kind != "conv":
+            raise ValueError(
+                f"channels_last applies to kind 'conv' or a library model, got kind {self.kind!r}"
+            )
         heads = max(1, self.width // 64)
         if self.kind in ("attn", "vit", "llama") and self.width % heads:
             raise ValueError(

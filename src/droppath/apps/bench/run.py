@@ -1,5 +1,5 @@
 """``droppath bench``'s run: build the variants of one model, time them interleaved, and return
-the results as plain data (:func:`run_bench`)."""
+the results as plain data (``run_bench``)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
     torch.manual_seed(cfg.seed)
     base, x = build_model(cfg)
     base, x = base.to(dev), x.to(dev)
-    if cfg.kind == "conv" and dev.type == "cuda":  # cuDNN's fast layout; on CPUs, NCHW
+    if cfg.channels_last or (cfg.kind == "conv" and dev.type == "cuda"):  # cuDNN's fast layout
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
     order = variants(cfg.mode or "row", cfg.bucket, cfg.kind)
@@ -58,7 +58,8 @@ def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
         runners = {n: cast(nn.Module, torch.compile(m)) for n, m in models.items()}
     else:
         runners = dict(models)
-    return Setup(order, models, runners, x, dev)
+    autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
+    return Setup(order, models, runners, x, dev, autocast)
 
 
 def _rates(cfg: BenchConfig, model: nn.Module) -> list[float]:
@@ -80,8 +81,9 @@ def _kept_work(cfg: BenchConfig, setup: Setup, ours: str) -> dict[str, float]:
     site by its branch's cost: the floor of the step-time ratio where FLOPs set the time."""
     if cfg.kind != "model":
         return {}
-    full = step_flops(setup.models[setup.order[0].label], setup.x, 1)
-    ours_flops = step_flops(setup.models[ours], setup.x, KEPT_WORK_STEPS)
+    dtype = setup.autocast
+    full = step_flops(setup.models[setup.order[0].label], setup.x, 1, autocast=dtype)
+    ours_flops = step_flops(setup.models[ours], setup.x, KEPT_WORK_STEPS, autocast=dtype)
     return {"kept_work": ours_flops / full} if full else {}
 
 
@@ -104,7 +106,10 @@ def run_bench(
     )
     eval_labels = {"plain": order[0].label, "Residual": ours}
     times, eval_times = interleaved_times(cfg, setup, eval_labels, progress=progress)
-    memory = {v.label: peak_memory(setup.runners[v.label], setup.x, 3) for v in order}
+    memory = {
+        v.label: peak_memory(setup.runners[v.label], setup.x, 3, autocast=setup.autocast)
+        for v in order
+    }
     mm_mem = memory.get("mask-multiply", memory[order[0].label])
     results = [
         asdict(

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,22 +38,32 @@ class Setup:
     runners: dict[str, nn.Module]
     x: Tensor
     device: torch.device
+    autocast: torch.dtype | None = None
 
 
-def _step(model: nn.Module, x: Tensor) -> None:
+def _forward(model: nn.Module, x: Tensor, autocast: torch.dtype | None) -> Any:
+    """The model's output, under ``torch.autocast`` in ``autocast`` if given (the forward only:
+    the backward runs outside it, as PyTorch's AMP recipe has it)."""
+    if autocast is None:
+        return model(x)
+    with torch.autocast(x.device.type, dtype=autocast):
+        return model(x)
+
+
+def _step(model: nn.Module, x: Tensor, autocast: torch.dtype | None = None) -> None:
     """One training step: forward, a loss, backward."""
     model.zero_grad(set_to_none=True)
-    loss = model(x).float().square().mean()
+    loss = _forward(model, x, autocast).float().square().mean()
     if loss.requires_grad:  # a batch-mode step of a stack can drop every block
         loss.backward()
 
 
-def _eval_step(model: nn.Module, x: Tensor) -> None:
+def _eval_step(model: nn.Module, x: Tensor, autocast: torch.dtype | None = None) -> None:
     with torch.no_grad():
-        model(x)
+        _forward(model, x, autocast)
 
 
-def _activation_bytes(model: nn.Module, x: Tensor) -> int:
+def _activation_bytes(model: nn.Module, x: Tensor, autocast: torch.dtype | None) -> int:
     """Bytes saved for backward in one training step: the activation memory of the step.
 
     On a CPU there is no allocator to ask for a peak; what autograd keeps between forward and
@@ -67,13 +78,15 @@ def _activation_bytes(model: nn.Module, x: Tensor) -> int:
 
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).float().square().mean()
+        loss = _forward(model, x, autocast).float().square().mean()
     if loss.requires_grad:
         loss.backward()
     return sum(seen.values())
 
 
-def step_flops(model: nn.Module, x: Tensor, reps: int) -> float:
+def step_flops(
+    model: nn.Module, x: Tensor, reps: int, *, autocast: torch.dtype | None = None
+) -> float:
     """Mean floating-point operations of ``reps`` training steps (forward and backward), as
     ``torch.utils.flop_counter`` counts them (matrix products and convolutions). Over steps that
     draw their own keep decisions, the mean is the work a variant does on average."""
@@ -82,12 +95,14 @@ def step_flops(model: nn.Module, x: Tensor, reps: int) -> float:
     total = 0
     for _ in range(reps):
         with FlopCounterMode(display=False) as counter:
-            _step(model, x)
+            _step(model, x, autocast)
         total += counter.get_total_flops()
     return total / reps
 
 
-def peak_memory(model: nn.Module, x: Tensor, reps: int) -> float:
+def peak_memory(
+    model: nn.Module, x: Tensor, reps: int, *, autocast: torch.dtype | None = None
+) -> float:
     """Median peak memory of a step in MB: CUDA's allocator peak, else bytes saved for backward."""
     values = []
     for _ in range(reps):
@@ -95,11 +110,11 @@ def peak_memory(model: nn.Module, x: Tensor, reps: int) -> float:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            _step(model, x)
+            _step(model, x, autocast)
             torch.cuda.synchronize()
             values.append(torch.cuda.max_memory_allocated() - before)
         else:
-            values.append(_activation_bytes(model, x))
+            values.append(_activation_bytes(model, x, autocast))
     return statistics.median(values) / 2**20
 
 
@@ -143,14 +158,17 @@ def interleaved_times(
     for rep in range(cfg.warmup + cfg.reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds = _timed(lambda: _step(runners[name], x), dev)  # noqa: B023
+            seconds = _timed(lambda: _step(runners[name], x, setup.autocast), dev)  # noqa: B023
             if rep >= cfg.warmup:
                 times[name].append(seconds)
             if bar:
                 bar.update(1)
         for name, label in eval_labels.items():
             models[label].eval()
-            seconds = _timed(lambda: _eval_step(runners[label], x), dev)  # noqa: B023
+            seconds = _timed(
+                lambda: _eval_step(runners[label], x, setup.autocast),  # noqa: B023
+                dev,
+            )
             models[label].train()
             if rep >= cfg.warmup:
                 eval_times[name].append(seconds)

@@ -1,4 +1,4 @@
-"""The variants a bench compares, declared once as data (:class:`Variant`), and the rewriting
+"""The variants a bench compares, declared once as data (``Variant``), and the rewriting
 that makes a copy of the model compute as one of them."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _layer_variant(
     model: LanguageModelLoss, variant: Variant, rates: list[float]
 ) -> LanguageModelLoss:
     """The language model computing as ``variant``: its layers plain, wrapped in torchtune's
-    ``LayerDropout``, or made layer-drop sites by :func:`droppath.layer_drop`."""
+    ``LayerDropout``, or made layer-drop sites by ``droppath.layer_drop``."""
     from droppath.layerdrop import find_layer_stack, layer_drop
 
     _, stack = find_layer_stack(model.lm)

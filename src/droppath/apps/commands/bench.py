@@ -65,7 +65,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(
-        "--compile", action="store_true", help="time every variant under torch.compile (default)"
+        "--compile",
+        action="store_true",
+        help="time every variant under torch.compile (default: eager)",
+    )
+    p.add_argument(
+        "--autocast",
+        default=None,
+        metavar="DTYPE",
+        help="run each step's forward under torch.autocast in DTYPE: bfloat16 or float16 "
+        "(default: none, float32)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="the model and its images in channels_last (kind conv or a library model; on a "
+        "GPU, kind conv always is)",
     )
     p.add_argument(
         "--bucket",

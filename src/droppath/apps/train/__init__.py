@@ -3,11 +3,11 @@
 One process, or several under ``torchrun --nproc_per_node=N`` (DistributedDataParallel over gloo
 on CPUs, NCCL on GPUs, with a DistributedSampler); only rank 0 prints and writes.
 
-One module per concern: :mod:`~droppath.apps.train.config` (what to train),
-:mod:`~droppath.apps.train.distributed` (the processes), :mod:`~droppath.apps.train.run` (one
-model in training), :mod:`~droppath.apps.train.checkpointing` (atomic files, Ctrl-C),
-:mod:`~droppath.apps.train.plotting` and :mod:`~droppath.apps.train.compare` (the runs side by
-side: :func:`train`).
+One module per concern: ``config`` (what to train),
+``distributed`` (the processes), ``run`` (one
+model in training), ``checkpointing`` (atomic files, Ctrl-C),
+``plotting`` and ``compare`` (the runs side by
+side: ``train``).
 """
 
 from __future__ import annotations

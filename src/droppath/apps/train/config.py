@@ -1,4 +1,4 @@
-"""What ``droppath train`` trains: :class:`TrainConfig`, checked when it is built."""
+"""What ``droppath train`` trains: ``TrainConfig``, checked when it is built."""
 
 from __future__ import annotations
 

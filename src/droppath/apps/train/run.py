@@ -1,4 +1,4 @@
-"""One model in training (:class:`Run`): its optimizer, schedules, data order, random state,
+"""One model in training (``Run``): its optimizer, schedules, data order, random state,
 history and checkpoint; its training steps and its evaluation."""
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class Run:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`'s contents."""
+        """Continue from ``state_dict``'s contents."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_sched.load_state_dict(state["lr_scheduler"])
@@ -175,7 +175,7 @@ class Run:
 
     def resume(self) -> None:
         """Load this run's checkpoint; say what is resumed. A missing checkpoint, or one that is
-        damaged or from another model, is a :class:`DataError` and leaves the files as they are."""
+        damaged or from another model, is a ``DataError`` and leaves the files as they are."""
         path = self.folder / CHECKPOINT
         if not path.is_file():
             raise DataError(
