@@ -3,10 +3,11 @@
 # (derive, check by execution, eval and rate-0 identity, no branch at rate 1), each release
 # installed beside the current one with `pip install --target DIR` (timm with --no-deps).
 # Usage: bash benchmarks/run_releases.sh DIR... ; each DIR holds one release of timm or
-# transformers, or is `timm` or `transformers` for the release installed in the environment. Writes benchmarks/results/releases.json, whose table
-# (`python benchmarks/census.py --markdown benchmarks/results/releases.json`) is in docs/models.md.
+# transformers, or is `timm` or `transformers` for the release installed in the environment.
+# Writes benchmarks/releases.json, whose table (`python benchmarks/census.py --markdown
+# benchmarks/releases.json`) is in docs/models.md.
 set -euo pipefail
-out=benchmarks/results/releases.json
+out=benchmarks/releases.json
 tmp=$(mktemp -d)
 for dir in "$@"; do
   case "$dir" in

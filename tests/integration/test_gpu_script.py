@@ -1,5 +1,6 @@
 """benchmarks/gpu.sh, run on the CPU at tiny sizes (GPU_SH_TINY=1): every command it would run
-on a GPU runs here, so the script cannot rot between the sessions that have a GPU."""
+on a GPU runs here (in one process, compiled ones with the "eager" backend), so the script cannot
+rot between the sessions that have a GPU."""
 
 import json
 import os
@@ -33,5 +34,6 @@ def test_every_command_of_the_gpu_script_runs(tmp_path):
             assert cfg["channels_last"] == ("convnext" in cfg["model"]), name
             assert 0 < report["kept_work"] <= 1.05, name
         assert cfg["compile"] == name.endswith("-compiled"), name
+        assert cfg["compile_backend"] == "eager" or not cfg["compile"], name  # capture only
     rates = {r["config"]["p"] for r in reports.values() if r["config"]["kind"] == "model"}
     assert rates == {0.1, 0.4}

@@ -28,7 +28,9 @@ class BenchConfig:
     "torchvision:NAME" or "transformers:MODEL_TYPE") a library's model, original vs
     ``droppath.accelerate``, at the library's own rates for ``p`` on ``image``-pixel images.
     ``autocast``: each step's forward under ``torch.autocast`` in that dtype (as timm and DINOv2
-    train); ``channels_last``: the model and its images in that memory format (convnets)."""
+    train); ``channels_last``: the model and its images in that memory format (convnets);
+    ``compile_backend``: ``torch.compile``'s backend with ``compile`` ("eager" captures the
+    graphs without compiling them: a quick check of graph capture)."""
 
     kind: str = "mlp"
     depth: int | None = None
@@ -43,6 +45,7 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     compile: bool = False
+    compile_backend: str = "inductor"
     bucket: int | None = None
     model: str | None = None
     image: int | None = None

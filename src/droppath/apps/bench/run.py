@@ -55,7 +55,8 @@ def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
     models = {v.label: variant_model(base, v, rates).train() for v in order}
     if cfg.compile:
         torch._dynamo.reset()
-        runners = {n: cast(nn.Module, torch.compile(m)) for n, m in models.items()}
+        backend = cfg.compile_backend
+        runners = {n: cast(nn.Module, torch.compile(m, backend=backend)) for n, m in models.items()}
     else:
         runners = dict(models)
     autocast = getattr(torch, cfg.autocast) if cfg.autocast else None

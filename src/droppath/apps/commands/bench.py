@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="time every variant under torch.compile (default: eager)",
     )
     p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        metavar="NAME",
+        help="torch.compile's backend with --compile (default: inductor; eager: capture only)",
+    )
+    p.add_argument(
         "--autocast",
         default=None,
         metavar="DTYPE",
