@@ -166,6 +166,24 @@ class AssignedUnderIf(_Base):
         return shortcut + self.drop_path(x)
 
 
+class NestedIfRows(_Base):
+    """timm RexNet: the site under two nested ``if``s, its output concatenated rather than added
+    (the dropped rows are zeros, computed by no one); the branch starts before the outer ``if``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_shortcut = True
+
+    def forward(self, x):
+        shortcut = x
+        x = self.fc(self.norm(x))
+        if self.use_shortcut:
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            x = torch.cat([x[..., :4] + shortcut[..., :4], x[..., 4:]], dim=-1)
+        return x
+
+
 FORMS = [
     Expression,
     Reversed,
@@ -181,6 +199,7 @@ FORMS = [
     Concatenated,
     Statement2,
     AssignedUnderIf,
+    NestedIfRows,
 ]
 
 

@@ -59,6 +59,7 @@ TIMM = (
     "vision_transformer_relpos",
     "fastvit",
     "levit",
+    "rexnet",  # the site under two nested `if`s, its output concatenated
 )
 HF = (
     "convnext",

@@ -3,7 +3,8 @@
 A simple statement (an assignment, ``+=``, a ``return``, an expression) gets its site terms
 replaced (``Terms``), with the statements of its branch's region
 moved into the branch (``droppath._derive.region``); the bodies of ``if``, ``for``, ``while``
-and ``with`` are walked in turn, and a branch that starts before an ``if`` is hoisted into it.
+and ``with`` are walked in turn, and a branch that starts before an ``if`` (or two nested ones)
+is hoisted into it.
 A site called in any other statement raises ``DeriveError``.
 """
 
@@ -74,9 +75,11 @@ class Rewriter:
         if len(top) != 1 or len(calls_in(top[0], sites)) != 1:
             return None
         site_stmt = top[0]
+        q = stmt.body.index(site_stmt)
+        if isinstance(site_stmt, ast.If) and q == 0 and not calls_in(site_stmt.test, sites):
+            return self._hoist_nested(before, stmt, rest)
         if not isinstance(site_stmt, ast.Assign | ast.AugAssign | ast.Return):
             return None
-        q = stmt.body.index(site_stmt)
         prefix = [*before, *stmt.body[:q]]
         plan = plan_branch(prefix, site_stmt, [stmt.body[q + 1 :], *rest], self.scope)
         if plan is None:
@@ -97,6 +100,49 @@ class Rewriter:
         )
         kept = [s for s in before if not any(s is m for m in moved_outer)]
         return [*kept, new_if]
+
+    def _hoist_nested(
+        self, before: list[ast.stmt], outer: ast.If, rest: list[list[ast.stmt]]
+    ) -> list[ast.stmt] | None:
+        """``if a: if b: ...; y = self.drop_path(x)`` (timm RexNet: ``if self.use_shortcut:``,
+        then ``if self.drop_path is not None:``) whose branch starts before the outer ``if``: the
+        statements before it move into the inner ``if``, and, unchanged, into both ``else``."""
+        sites = self.scope.sites
+        inner = outer.body[0]
+        assert isinstance(inner, ast.If)
+        top = [s for s in inner.body if calls_in(s, sites)]
+        if len(top) != 1 or len(calls_in(top[0], sites)) != 1:
+            return None
+        site_stmt = top[0]
+        if not isinstance(site_stmt, ast.Assign | ast.AugAssign | ast.Return):
+            return None
+        q = inner.body.index(site_stmt)
+        prefix = [*before, *inner.body[:q]]
+        after_inner = [outer.body[1:], *rest]
+        after = [inner.body[q + 1 :], *after_inner]
+        plan = plan_branch(prefix, site_stmt, after, self.scope)
+        if plan is None:
+            return None
+        moved_outer = [s for s in plan.moved if any(s is b for b in before)]
+        if not moved_outer:
+            return None
+        assigned = set().union(*(effects(s)[0] for s in moved_outer))
+        if assigned & (loads(outer.test) | loads(inner.test)):
+            return None
+        new, moved = self._simple(prefix, site_stmt, after, plan)
+        body = [s for s in inner.body[:q] if not any(s is m for m in moved)]
+        new_inner = ast.If(
+            test=inner.test,
+            body=[*body, *new, *self.block(inner.body[q + 1 :], after_inner)],
+            orelse=[*moved_outer, *self.block(inner.orelse, after_inner)],
+        )
+        new_outer = ast.If(
+            test=outer.test,
+            body=[new_inner, *self.block(outer.body[1:], rest)],
+            orelse=[*moved_outer, *self.block(outer.orelse, rest)],
+        )
+        kept = [s for s in before if not any(s is m for m in moved_outer)]
+        return [*kept, new_outer]
 
     def _simple(
         self,
