@@ -39,10 +39,11 @@ class BNBlock(Block):
 
 
 class Unknown(Block):
-    """Its sites are called from another method than ``forward``: not rewritten."""
+    """Its sites are called from a method that ``forward`` calls by keyword: not inlined, not
+    rewritten."""
 
     def forward(self, x):
-        return self._both(x)
+        return self._both(x=x)
 
     def _both(self, x):
         x = x + self.drop_path1(self.fc1(self.norm1(x)))

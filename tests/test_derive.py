@@ -184,6 +184,26 @@ class NestedIfRows(_Base):
         return x
 
 
+class HelperMethod(_Base):
+    """timm's aligned Xception: the site in a helper method that ``forward`` calls (inlined),
+    under two nested ``if``s, the helper's argument computed in ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.no_skip = False
+
+    def _residual(self, x, skip):
+        if not self.no_skip:
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            x = x + skip
+        return x
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self._residual(self.fc(x), x)
+
+
 FORMS = [
     Expression,
     Reversed,
@@ -200,6 +220,7 @@ FORMS = [
     Statement2,
     AssignedUnderIf,
     NestedIfRows,
+    HelperMethod,
 ]
 
 
@@ -297,9 +318,9 @@ def test_a_single_sample_defers_the_check():
 
 
 def test_what_cannot_be_derived_is_reported():
-    class ViaHelper(_Base):
+    class ViaHelper(_Base):  # a helper called by keyword: not inlined
         def forward(self, x):
-            return self._inner(x)
+            return self._inner(x=x)
 
         def _inner(self, x):
             return x + self.drop_path(self.fc(x))

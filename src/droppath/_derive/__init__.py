@@ -20,7 +20,8 @@ Nothing here is trusted: ``verify`` runs the result against the class's own forw
 same keep decisions before a block uses it. A forward this package cannot read or rewrite raises
 ``DeriveError``, which says which step failed and why, in one line.
 
-The steps, one module each: ``source`` reads the forward; ``analysis`` tells what each statement
+The steps, one module each: ``source`` reads the forward; ``inline`` puts the body of a helper
+method that holds the sites in its place; ``analysis`` tells what each statement
 assigns and reads; ``forms`` matches the uses of a site; ``region`` chooses the statements that
 move into a branch; ``terms`` replaces the site terms by the op calls; ``rewrite`` walks the
 statements; ``codegen`` compiles the result; ``verify`` checks it by running it.
@@ -32,6 +33,8 @@ from collections.abc import Collection
 
 from droppath._derive.codegen import Derived, generate
 from droppath._derive.errors import NOTHING_TO_SKIP, DeriveError
+from droppath._derive.forms import calls_in
+from droppath._derive.inline import inline_helpers
 from droppath._derive.region import Scope
 from droppath._derive.rewrite import Rewriter
 from droppath._derive.source import read
@@ -51,9 +54,12 @@ def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> D
             (``rewrite``).
     """
     source = read(cls)
-    rewriter = Rewriter(Scope.of(sites, source.params, source.body, keep_shared))
+    body = source.body
+    if not any(calls_in(stmt, sites) for stmt in body):  # the sites sit in a helper method
+        body = inline_helpers(cls, source.fn, body, sites)
+    rewriter = Rewriter(Scope.of(sites, source.params, body, keep_shared))
     try:
-        new_body = rewriter.block(source.body, [])
+        new_body = rewriter.block(body, [])
     except DeriveError:
         raise
     except Exception as error:  # a form this rewriter does not foresee: never the user's error
