@@ -81,14 +81,6 @@ def _method(cls: type, name: str, forward: types.FunctionType) -> ast.FunctionDe
     return fdef
 
 
-def _assigned(body: list[ast.stmt], name: str) -> bool:
-    return any(
-        isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store)
-        for s in body
-        for n in ast.walk(s)
-    )
-
-
 class _Rename(ast.NodeTransformer):
     def __init__(self, names: set[str], prefix: str) -> None:
         self.names, self.prefix = names, prefix
@@ -117,8 +109,8 @@ def _inline(
         body = body[1:]
     if not calls_in(ast.Module(body=body, type_ignores=[]), sites):
         return None
-    stored = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name)}
-    local = set(params[1:]) | {n for n in stored if _assigned(body, n)}
+    stored = (n for s in body for n in ast.walk(s) if isinstance(n, ast.Name))
+    local = set(params[1:]) | {n.id for n in stored if isinstance(n.ctx, ast.Store)}
     rename = _Rename(local, _PREFIX.format(name.strip("_")))
     new = [rename.visit(s) for s in body]
     last = new.pop()

@@ -71,27 +71,23 @@ class Rewriter:
         """``if c: ...; y = self.drop_path(x) + s`` whose branch starts before the ``if``: the
         statements before it move into the ``if`` (and, unchanged, into its ``else``)."""
         sites = self.scope.sites
-        top = [s for s in stmt.body if calls_in(s, sites)]
-        if len(top) != 1 or len(calls_in(top[0], sites)) != 1:
+        first, *others = stmt.body
+        nested = isinstance(first, ast.If) and not calls_in(first.test, sites)
+        if nested and len(calls_in(first, sites)) == 1:
+            if not any(calls_in(s, sites) for s in others):
+                return self._hoist_nested(before, stmt, rest)
+        found = _one_site(stmt.body, sites)
+        if found is None:
             return None
-        site_stmt = top[0]
-        q = stmt.body.index(site_stmt)
-        if isinstance(site_stmt, ast.If) and q == 0 and not calls_in(site_stmt.test, sites):
-            return self._hoist_nested(before, stmt, rest)
-        if not isinstance(site_stmt, ast.Assign | ast.AugAssign | ast.Return):
-            return None
+        q, site_stmt = found
         prefix = [*before, *stmt.body[:q]]
-        plan = plan_branch(prefix, site_stmt, [stmt.body[q + 1 :], *rest], self.scope)
-        if plan is None:
+        after = [stmt.body[q + 1 :], *rest]
+        hoist = self._hoistable(before, prefix, site_stmt, after, loads(stmt.test))
+        if hoist is None:
             return None
-        moved_outer = [s for s in plan.moved if any(s is b for b in before)]
-        if not moved_outer:
-            return None
-        assigned = set().union(*(effects(s)[0] for s in moved_outer))
-        if assigned & loads(stmt.test):
-            return None
+        plan, moved_outer = hoist
         # the else branch runs the moved statements first, as before
-        new, moved = self._simple(prefix, site_stmt, [stmt.body[q + 1 :], *rest], plan)
+        new, moved = self._simple(prefix, site_stmt, after, plan)
         body = [s for s in stmt.body[:q] if not any(s is m for m in moved)]
         new_if = ast.If(
             test=stmt.test,
@@ -110,25 +106,18 @@ class Rewriter:
         sites = self.scope.sites
         inner = outer.body[0]
         assert isinstance(inner, ast.If)
-        top = [s for s in inner.body if calls_in(s, sites)]
-        if len(top) != 1 or len(calls_in(top[0], sites)) != 1:
+        found = _one_site(inner.body, sites)
+        if found is None:
             return None
-        site_stmt = top[0]
-        if not isinstance(site_stmt, ast.Assign | ast.AugAssign | ast.Return):
-            return None
-        q = inner.body.index(site_stmt)
+        q, site_stmt = found
         prefix = [*before, *inner.body[:q]]
         after_inner = [outer.body[1:], *rest]
         after = [inner.body[q + 1 :], *after_inner]
-        plan = plan_branch(prefix, site_stmt, after, self.scope)
-        if plan is None:
+        tests = loads(outer.test) | loads(inner.test)
+        hoist = self._hoistable(before, prefix, site_stmt, after, tests)
+        if hoist is None:
             return None
-        moved_outer = [s for s in plan.moved if any(s is b for b in before)]
-        if not moved_outer:
-            return None
-        assigned = set().union(*(effects(s)[0] for s in moved_outer))
-        if assigned & (loads(outer.test) | loads(inner.test)):
-            return None
+        plan, moved_outer = hoist
         new, moved = self._simple(prefix, site_stmt, after, plan)
         body = [s for s in inner.body[:q] if not any(s is m for m in moved)]
         new_inner = ast.If(
@@ -143,6 +132,27 @@ class Rewriter:
         )
         kept = [s for s in before if not any(s is m for m in moved_outer)]
         return [*kept, new_outer]
+
+    def _hoistable(
+        self,
+        before: list[ast.stmt],
+        prefix: list[ast.stmt],
+        site_stmt: ast.stmt,
+        after: list[list[ast.stmt]],
+        tests: set[str],
+    ) -> tuple[Plan, list[ast.stmt]] | None:
+        """The plan of a site statement under an ``if`` and the statements of ``before`` it moves
+        into the branch; None if it moves none, or one that the ``if`` tests (``tests``) read."""
+        plan = plan_branch(prefix, site_stmt, after, self.scope)
+        if plan is None:
+            return None
+        moved_outer = [s for s in plan.moved if any(s is b for b in before)]
+        if not moved_outer:
+            return None
+        assigned = set().union(*(effects(s)[0] for s in moved_outer))
+        if assigned & tests:
+            return None
+        return plan, moved_outer
 
     def _simple(
         self,
@@ -175,6 +185,17 @@ class Rewriter:
         if transformer.count != len(calls):
             raise DeriveError("rewrite", "a site call nested in another site's branch")
         return [*transformer.pre, new], moved
+
+
+def _one_site(body: list[ast.stmt], sites: frozenset[str]) -> tuple[int, ast.stmt] | None:
+    """The index and statement of ``body``'s one site call, if it is a simple statement that
+    holds no other."""
+    top = [s for s in body if calls_in(s, sites)]
+    if len(top) != 1 or len(calls_in(top[0], sites)) != 1:
+        return None
+    if not isinstance(top[0], ast.Assign | ast.AugAssign | ast.Return):
+        return None
+    return body.index(top[0]), top[0]
 
 
 def _as_load(target: ast.expr) -> ast.expr:
