@@ -240,7 +240,7 @@ def _inputs(cls: type, n: int = 16) -> tuple:
 def _stack(cls: type, p: float) -> nn.Module:
     torch.manual_seed(0)
     block = cls()
-    accelerate(block, [p])
+    accelerate(block, [p], strategy="subset")
     return block
 
 

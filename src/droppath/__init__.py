@@ -13,8 +13,8 @@ from droppath._version import __version__
 
 # Each public name and the module that defines it.
 _EXPORTS = {
-    "AccelerationReport": "droppath.acceleration",
-    "SiteReport": "droppath.acceleration",
+    "AccelerationReport": "droppath.report",
+    "SiteReport": "droppath.report",
     "accelerate": "droppath.acceleration",
     "DropPath": "droppath.drop",
     "drop_path": "droppath.drop",
@@ -52,11 +52,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from droppath.acceleration import AccelerationReport, SiteReport, accelerate
+    from droppath.acceleration import accelerate
     from droppath.drop import DropPath, drop_path
     from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
     from droppath.pruning import prune
     from droppath.rates import depth_rates
+    from droppath.report import AccelerationReport, SiteReport
     from droppath.residual import Residual, drop_add_residual
     from droppath.scheduler import DropRateScheduler
     from droppath.sites import convert, drop_path_sites, set_drop_rates

@@ -138,6 +138,10 @@ class _Lerp:
         new = torch.lerp(inputs.to(out.dtype), out, scale) if scale != 1.0 else out
         return base.to(new.dtype).index_copy(dim, rows.idx, new)
 
+    @eager
+    def masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
+        return torch.lerp(base.to(out.dtype), out, mask.to(out.dtype))
+
 
 _LERP = _Lerp()
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from droppath._checks import check_choice, check_model, check_probability
+from droppath._checks import STRATEGIES, check_choice, check_model, check_probability
 from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive, verify
 from droppath._derive.ops import GATHER
-from droppath._engine import host_side
+from droppath._engine import DropBase, host_side
 from droppath._fx import is_proxy
 from droppath._swap import own_class, swap_class
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site, layer_drop_spec
 from droppath.rates import DEFAULT_RULE, DEPTH_RULES
+from droppath.report import BATCH, MASK, ROW, AccelerationReport, SiteReport
 from droppath.residual import Residual
 from droppath.sites import (
     check_reaches,
@@ -30,55 +30,7 @@ from droppath.sites import (
 
 __all__ = ["AccelerationReport", "SiteReport", "accelerate"]
 
-ROW, BATCH, MASK = "row subset", "batch skip", "mask"
 BATCHNORM_CHOICES = ("mask", "subset")
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """How one drop-path site runs after ``accelerate``.
-
-    Attributes:
-        name: the site's qualified module name (the same as ``drop_path_sites`` gives).
-        block: the class name of the block that holds it.
-        rate: its drop rate at the time of the call.
-        runs: ``"row subset"`` (the branch runs on the kept samples), ``"batch skip"`` (a dropped
-            step skips the branch) or ``"mask"`` (the branch runs on every sample and the dropped
-            ones are multiplied by zero).
-        reason: why a site stays on the mask; empty otherwise.
-    """
-
-    name: str
-    block: str
-    rate: float
-    runs: str
-    reason: str = ""
-
-
-class AccelerationReport(tuple[SiteReport, ...]):
-    """What ``accelerate`` did: one ``SiteReport`` per site, in forward order.
-
-    A tuple of rows (usable as data), printed as a table; ``counts`` sums up how they run.
-    """
-
-    def counts(self) -> dict[str, int]:
-        """How many sites run as ``"row subset"``, ``"batch skip"`` and ``"mask"``."""
-        return {kind: sum(row.runs == kind for row in self) for kind in (ROW, BATCH, MASK)}
-
-    def __str__(self) -> str:
-        head = ("site", "block", "rate", "runs", "reason")
-        rows = [(r.name, r.block, f"{r.rate:.4g}", r.runs, r.reason) for r in self]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in (head, *rows)
-        ]
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
-        return "\n".join([*lines, f"{len(self)} sites: {counts}"])
-
-    def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={v}" for k, v in self.counts().items())
-        return f"AccelerationReport({len(self)} sites: {counts})"
 
 
 def _key(cls: type) -> str:
@@ -224,12 +176,14 @@ def _unreached(cls: type, attr: str, derived: Derived) -> str:
     return f"rewrite: {cls.__qualname__}.forward does not call {attr}"
 
 
-def _check(model: Any, p: Any, rule: Any, batchnorm: Any) -> None:
+def _check(model: Any, p: Any, rule: Any, batchnorm: Any, strategy: Any) -> None:
     check_model(model, "accelerate")
     if p is not None and not (isinstance(p, Sequence) and not isinstance(p, str)):
         check_probability(p)
     check_choice(rule, "rule", DEPTH_RULES)
     check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES)
+    if strategy is not None:
+        check_choice(strategy, "strategy", STRATEGIES)
 
 
 def accelerate(
@@ -238,6 +192,7 @@ def accelerate(
     rule: str = DEFAULT_RULE,
     *,
     batchnorm: str = "mask",
+    strategy: str | None = None,
 ) -> AccelerationReport:
     """Make any model, timm's, torchvision's, Hugging Face's or yours, skip the work that
     stochastic depth drops.
@@ -285,6 +240,10 @@ def accelerate(
             ``"model"``.
         batchnorm: ``"mask"`` or ``"subset"``, how to run branches with BatchNorm in training.
             Default: ``"mask"``.
+        strategy: the row-mode strategy of every site (layer-drop sites aside): ``"auto"``
+            (the row subset or the mask, chosen per site from what each costs, measured on its
+            first training calls), ``"subset"`` or ``"mask"``; None keeps each site's own (a
+            converted library module's is ``"auto"``). Default: None.
 
     Returns:
         An ``AccelerationReport``: for every site, its name, rate and how it runs.
@@ -325,12 +284,16 @@ def accelerate(
         >>> model[1].__dict__["_droppath_verified"]
         True
     """
-    _check(model, p, rule, batchnorm)
+    _check(model, p, rule, batchnorm, strategy)
     check_reaches(model, p, "accelerate")  # a p that reaches nothing raises, else a warning
     model = convert(model)
     fill_slots(model)
     if p is not None and drop_path_sites(model):  # else check_reaches has warned already
         set_drop_rates(model, p, rule)
+    if strategy is not None:
+        for _, site in drop_path_sites(model):
+            if isinstance(site, DropBase) and not is_layer_drop_site(site):
+                site.strategy = strategy
     rows: dict[str, SiteReport] = {}
     owners: dict[str, list[str]] = {}
     for name, site in drop_path_sites(model):
@@ -340,7 +303,10 @@ def accelerate(
             kind = "layer drop" if layer else "Residual"
             spec = site.spec if isinstance(site, Residual) else layer_drop_spec(site)
             runs = BATCH if spec.mode == "batch" else (ROW if spec.skips else MASK)
-            rows[name] = SiteReport(name, type(site).__name__, rate, runs, f"droppath {kind}")
+            auto = site.auto_choice if isinstance(site, Residual) else None
+            rows[name] = SiteReport(
+                name, type(site).__name__, rate, runs, f"droppath {kind}", auto or ""
+            )
             continue
         owner, _, attr = name.rpartition(".")
         owners.setdefault(owner, []).append(attr)
@@ -362,10 +328,16 @@ def accelerate(
         for attr in attrs:
             name = f"{owner_name}.{attr}" if owner_name else attr
             site = getattr(block, attr)
-            why = reason
+            why, auto = reason, ""
             if adapter is not None and attr not in adapter.sites:
                 runs, why = MASK, _unreached(cls, attr, adapter)
+            elif adapter is None:
+                runs = MASK
+            elif site.mode == "batch":
+                runs = BATCH
+            elif site.spec.skips:
+                runs, auto = ROW, site.auto_choice or ""
             else:
-                runs = MASK if adapter is None else (BATCH if site.mode == "batch" else ROW)
-            rows[name] = SiteReport(name, cls.__name__, rows[name].rate, runs, why)
+                runs, why = MASK, "strategy 'mask'"
+            rows[name] = SiteReport(name, cls.__name__, rows[name].rate, runs, why, auto)
     return AccelerationReport(rows.values())

@@ -143,6 +143,8 @@ class LayerDrop(DropBase):
         self.layer = layer
         self._template: int | None = None
 
+    _measures = False  # a layer is large next to a gather and a scatter: always the subset
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.training:
             return self.layer(x, *args, **kwargs)

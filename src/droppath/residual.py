@@ -264,6 +264,8 @@ class Residual(DropBase):
             return _plain(x, self.branch, self.shortcut)
         if masks(self.mode, self.strategy):  # in the graph, with the branch
             return self._residual(x, True)
+        # "auto" too, whichever step it chose: under torch.compile a choice that changes with the
+        # rate then changes no graph
         return _module_step(self, x)
 
     def _residual(self, x: Tensor, training: Any) -> Tensor:
@@ -282,7 +284,8 @@ class Residual(DropBase):
 
     def extra_repr(self) -> str:
         bucket = "" if self.bucket is None else f", bucket={self.bucket}"
-        return f"{super().extra_repr()}, strategy={self.strategy!r}{bucket}"
+        settings = super().extra_repr().replace(self._chosen(), "")
+        return f"{settings}, strategy={self.strategy!r}{bucket}{self._chosen()}"
 
 
 @host_side

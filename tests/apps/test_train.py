@@ -58,6 +58,7 @@ def test_resume_gives_the_same_weights(tmp_path, mode):
         "warmup",
         "--warmup-steps",
         "20",
+        "--deterministic",  # strategy auto's choice would otherwise follow timings
         *FAST,
     ]
     a, b = tmp_path / "a", tmp_path / "b"

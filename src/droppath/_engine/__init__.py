@@ -7,6 +7,7 @@
 - ``ops``: the tensor operations (``split``, ``scatter_add``, ``skip``,
   ``rows``, ``gather``, ``keep_mask``) and how they run under torch.compile
   (``host_side``, ``eager``).
+- ``cost``: ``AutoChoice``, how ``strategy="auto"`` chooses a site's step from measured costs.
 - ``step``: the step itself, ``skip_add`` (the dropped work skipped) or ``mask_add``
   (the classic mask), and ``run``, which calls a branch from the host-side step.
 
@@ -15,6 +16,7 @@ The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop
 built), and call the step, which checks nothing again.
 """
 
+from droppath._engine.cost import AutoChoice
 from droppath._engine.draws import draw, draw_gate, draw_rows
 from droppath._engine.ops import (
     Branch,
@@ -32,6 +34,7 @@ from droppath._engine.step import Combine, Subset, Sum, mask_add, run, skip_add
 
 __all__ = [
     "ALL_SETTINGS",
+    "AutoChoice",
     "Branch",
     "Combine",
     "DropBase",

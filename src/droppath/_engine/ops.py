@@ -160,7 +160,7 @@ def _check_rows(out: Tensor, base: Tensor, dim: int, k: int) -> None:
         )
 
 
-def _is_channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
     """Whether ``x`` is laid out channels_last and not also contiguous (a 4-D NHWC layout)."""
     return (
         x.dim() == 4
@@ -172,7 +172,7 @@ def _is_channels_last(x: Tensor) -> bool:
 def rows(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     """``x.index_select(dim, idx)`` in ``x``'s memory format: a channels_last ``x`` gives
     channels_last rows (``index_select`` alone would return them contiguous), in one copy."""
-    if not _is_channels_last(x):
+    if not is_channels_last(x):
         return x.index_select(dim, idx)
     if dim == 0:  # gather whole NHWC rows, then view them as NCHW again
         return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
@@ -184,7 +184,7 @@ def _result_format(out: Tensor, branch_layout: bool) -> torch.memory_format:
     when it is channels_last (as ``branch + base`` gives, e.g. after a permute), so that a
     rewritten block returns what its original returned and the next block runs the same
     kernels."""
-    if branch_layout and _is_channels_last(out):
+    if branch_layout and is_channels_last(out):
         return torch.channels_last
     return torch.preserve_format
 

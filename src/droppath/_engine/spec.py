@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -16,6 +16,7 @@ from droppath._checks import (
     check_int,
     check_probability,
 )
+from droppath._engine.cost import AutoChoice
 
 # The settings every drop-path module shows as attributes (``DropPath``, ``LayerDrop``), and all
 # of them (``Residual``).
@@ -23,10 +24,13 @@ COMMON_SETTINGS = ("p", "mode", "batch_dim", "scale_by_keep")
 ALL_SETTINGS = (*COMMON_SETTINGS, "strategy", "bucket")
 
 
-def masks(mode: str, strategy: str) -> bool:
+def masks(mode: str, strategy: str, auto: AutoChoice | None = None) -> bool:
     """Whether a training step masks the branch output instead of skipping the dropped work:
-    row mode's ``"mask"`` strategy. The one place where that choice is made."""
-    return mode == "row" and strategy == "mask"
+    row mode's ``"mask"`` strategy, or its ``"auto"`` strategy when ``auto``, the site's measured
+    costs, chose the mask. The one place where that choice is made."""
+    if mode != "row":
+        return False
+    return strategy == "mask" or (strategy == "auto" and auto is not None and not auto.subset)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class DropSpec:
     scale_by_keep: bool = True
     strategy: str = "auto"
     bucket: int | None = None
+    # a site module's measured costs, for strategy "auto" (None: the row subset); not a setting
+    auto: AutoChoice | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         set_checked = object.__setattr__  # frozen: the checked values replace the given ones
@@ -98,10 +104,12 @@ class DropBase(nn.Module):
     batch_dim: int
     scale_by_keep: bool
     _spec: DropSpec
+    # whether strategy "auto" measures this module's costs (False: the row subset, always)
+    _measures: bool = True
 
     def __init__(self, spec: DropSpec, names: tuple[str, ...] = COMMON_SETTINGS) -> None:
         super().__init__()
-        self.__dict__["_spec"] = spec
+        self.__dict__["_spec"] = replace(spec, auto=self._new_auto())
         self.__dict__.update({name: getattr(spec, name) for name in names})
 
     @property
@@ -114,20 +122,41 @@ class DropBase(nn.Module):
             spec = replace(self._spec, **{name: value})  # checks the new value
             self.__dict__["_spec"] = spec
             value = getattr(spec, name)
+            if name == "p" and spec.auto is not None:
+                spec.auto.update(spec.p)  # a new rate may change what "auto" chooses
         super().__setattr__(name, value)
+
+    @property
+    def auto_choice(self) -> str | None:
+        """What row mode's ``strategy="auto"`` takes at this site in training: ``"pending"``
+        until its costs are measured (on its first training calls, see ``droppath.Residual``),
+        then ``"subset"`` or ``"mask"``; None when the site has no choice to make (another
+        strategy, batch mode, or a module that always takes the subset: ``LayerDrop``)."""
+        spec = self._spec
+        if spec.mode != "row" or spec.strategy != "auto" or spec.auto is None:
+            return None
+        return spec.auto.state
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
-        state.pop("_spec", None)
+        state.pop("_spec", None)  # with the measured costs: measured again where loaded
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         settings = {name: state[name] for name in ALL_SETTINGS if name in state}
-        self.__dict__["_spec"] = DropSpec(**settings)
+        self.__dict__["_spec"] = DropSpec(**settings, auto=self._new_auto())
+
+    def _new_auto(self) -> AutoChoice | None:
+        return AutoChoice() if self._measures else None
 
     def extra_repr(self) -> str:
         return (
             f"p={self.p}, mode={self.mode!r}, batch_dim={self.batch_dim}, "
-            f"scale_by_keep={self.scale_by_keep}"
+            f"scale_by_keep={self.scale_by_keep}{self._chosen()}"
         )
+
+    def _chosen(self) -> str:
+        """``", auto='mask'"`` once "auto" has chosen, else nothing."""
+        choice = self.auto_choice
+        return "" if choice in (None, "pending") else f", auto={choice!r}"

@@ -10,19 +10,21 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from droppath._engine.cost import AutoChoice, Clock
 from droppath._engine.draws import draw
 from droppath._engine.ops import (
     Branch,
     add,
     eager,
     host_side,
+    is_channels_last,
     keep_mask,
     promoted,
     scatter_add,
     skip,
     split,
 )
-from droppath._engine.spec import DropSpec
+from droppath._engine.spec import DropSpec, masks
 
 
 @host_side
@@ -63,6 +65,10 @@ class Combine(Protocol):
     def subset(self, base: Tensor, out: Tensor, rows: Subset, scale: float) -> Tensor:
         """Some rows kept: ``out`` is the branch's output on ``rows.inputs``."""
 
+    def masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
+        """Some rows kept, the branch run on every row: ``mask`` is ``scale`` at the kept rows
+        and 0 at the others, shaped to broadcast against ``out``."""
+
 
 @dataclass(frozen=True)
 class Sum:
@@ -83,6 +89,13 @@ class Sum:
     def subset(self, base: Tensor, out: Tensor, rows: Subset, scale: float) -> Tensor:
         layout = self.branch_layout
         return scatter_add(base, out, rows.idx, rows.dim, scale=scale, branch_layout=layout)
+
+    @eager
+    def masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
+        base, out = promoted(base, out)
+        if self.branch_layout and is_channels_last(out):
+            base = base.contiguous(memory_format=torch.channels_last)
+        return torch.addcmul(base, out, mask.to(out.dtype))
 
 
 SUM = Sum()
@@ -107,25 +120,61 @@ def skip_add(
     dimension); a branch with an ``at_rows(run, dim)`` method gives the branch for those rows
     (a derived branch, whose per-sample side inputs are gathered too).
 
+    With ``spec.strategy`` ``"auto"`` and ``spec.auto``, the site's ``AutoChoice``, row mode
+    takes the row subset or the mask from what each costs (``droppath._engine.cost``); with
+    ``"mask"`` it takes the mask. Either way the draws are the same host-side draws.
+
     Under torch.compile this frame runs eagerly, so the rate and the draws never enter a graph (no
     guard on ``p``, no recompilation when a schedule changes it), while ``branch`` and
     ``shortcut`` compile, through ``run``, as graphs of their own, with the batch dimension
     dynamic from the first call: the full batch and every subset size share one graph.
     """
     dim = spec.batch_dim % x.dim()
+    clock, auto = None, spec.auto
+    if auto is not None and spec.strategy == "auto" and spec.mode == "row":
+        clock = auto.begin(x, dim, spec.p)
     kept = draw(spec, x.shape[dim], x.device, generator)
     if kept is False:
         return skip(run(shortcut, x, dim), branch)
     if kept is True:
-        return combine.whole(run(shortcut, x, dim), run(branch, x, dim), spec.scale)
+        base = run(shortcut, x, dim)
+        return combine.whole(base, _timed(branch, x, dim, auto, clock), spec.scale)
     idx, to_run = kept
+    if masks(spec.mode, spec.strategy, auto):
+        base, out = run(shortcut, x, dim), run(branch, x, dim)
+        return combine.masked(base, out, _row_mask(idx, out, x.dim(), spec))
     # one node hands x to the shortcut path and the rows to run to the branch
     x_all, inputs = split(x, to_run, dim)
     at_rows = getattr(branch, "at_rows", None)
     if at_rows is not None:
         branch = at_rows(to_run, dim)
-    base, out = run(shortcut, x_all, dim), run(branch, inputs, dim)
+    base, out = run(shortcut, x_all, dim), _timed(branch, inputs, dim, auto, clock)
     return combine.subset(base, out, Subset(idx, dim, inputs), spec.scale)
+
+
+@host_side
+def _timed(
+    branch: Branch, x: Tensor, dim: int, auto: AutoChoice | None, clock: Clock | None
+) -> Tensor:
+    """``run(branch, x, dim)``, timed by ``clock`` for ``auto`` when there is one."""
+    if clock is None or auto is None:
+        return run(branch, x, dim)
+    out = run(branch, x, dim)
+    auto.timed(clock, x.shape[dim])
+    return out
+
+
+@eager
+def _row_mask(idx: Tensor, out: Tensor, in_dims: int, spec: DropSpec) -> Tensor:
+    """The mask of a masked row step: ``spec.scale`` at the kept rows ``idx``, 0 elsewhere, shaped
+    to broadcast against the branch output ``out``."""
+    out_dim = spec.batch_dim % in_dims if out.dim() == in_dims else spec.batch_dim % out.dim()
+    n = out.shape[out_dim]
+    mask = torch.zeros(n, dtype=torch.float32, device=out.device)
+    mask.index_fill_(0, idx, spec.scale)
+    shape = [1] * out.dim()
+    shape[out_dim] = n
+    return mask.view(shape)
 
 
 def mask_add(

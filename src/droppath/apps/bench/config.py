@@ -41,7 +41,7 @@ class BenchConfig:
     rule: str | None = None
     mode: str | None = None
     reps: int = 20
-    warmup: int = 3
+    warmup: int = 5
     threads: int | None = None
     seed: int = 0
     compile: bool = False

@@ -69,6 +69,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"| eval forward: droppath vs {baseline} | {ev['residual_ms']:.1f} | {ev['ratio']:.3f} "
         "| | |"
     )
+    chosen = [
+        f"{r['name']}: " + ", ".join(f"{n} {c}" for c, n in sorted(r["auto_choices"].items()))
+        for r in report["results"]
+        if r.get("auto_choices")
+    ]
+    if chosen:  # what strategy "auto" took at its sites, after the timed steps
+        lines += ["", "auto chose, per site: " + "; ".join(chosen)]
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ class VariantResult:
     memory_mb: float
     memory_ratio_to_mask_multiply: float
     times_ms: list[float] = field(repr=False)
+    auto_choices: dict[str, int] = field(default_factory=dict)
 
 
 def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
@@ -61,6 +62,17 @@ def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
         runners = dict(models)
     autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
     return Setup(order, models, runners, x, dev, autocast)
+
+
+def auto_choices(model: nn.Module) -> dict[str, int]:
+    """How many of the model's sites with ``strategy="auto"`` took the row subset, the mask, or
+    are still measuring (``"pending"``), after the timed steps."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        choice = getattr(module, "auto_choice", None)
+        if isinstance(choice, str):
+            counts[choice] = counts.get(choice, 0) + 1
+    return counts
 
 
 def _rates(cfg: BenchConfig, model: nn.Module) -> list[float]:
@@ -122,6 +134,7 @@ def run_bench(
                 memory_mb=memory[v.label],
                 memory_ratio_to_mask_multiply=memory[v.label] / mm_mem if mm_mem else float("nan"),
                 times_ms=[1e3 * s for s in times[v.label]],
+                auto_choices=auto_choices(setup.models[v.label]),
             )
         )
         for v in order

@@ -61,7 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--image", type=int, default=None, help="image side for --model (default: 96)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per variant (default: 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed steps first, in which strategy auto measures its costs (default: 5)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(

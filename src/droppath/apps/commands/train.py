@@ -102,6 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="stop once this many epochs are done, as an interruption would (to test --resume)",
     )
     a("--threads", type=int, default=None, help="torch threads per process")
+    a(
+        "--deterministic",
+        action="store_true",
+        help="torch.use_deterministic_algorithms: a run, resumed or not, gives the same weights "
+        "(strategy auto then takes the subset everywhere, measuring nothing)",
+    )
     a("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 

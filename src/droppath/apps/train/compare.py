@@ -59,6 +59,18 @@ def format_results(runs: list[dict[str, Any]]) -> str:
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Run the training described by ``cfg``; return one result per run."""
+    if not cfg.deterministic:
+        return _train(cfg)
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _train(cfg: TrainConfig) -> list[dict[str, Any]]:
     from droppath.apps.data import load_dataset
 
     if cfg.threads:

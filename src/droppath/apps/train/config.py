@@ -43,6 +43,7 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     overwrite: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.model, "model", MODEL_NAMES)
