@@ -58,11 +58,14 @@ def drop_add_residual(
     - ``mode="row"``, ``strategy="mask"``: ``branch`` runs on every sample and the drop is fused
       into the add (``torch.addcmul``), as timm and torchvision do, without their extra temporary.
     - ``mode="row"``, ``strategy="auto"``: draws the kept samples first, then skips the branch when
-      none is kept, runs it plainly when all are, and runs it on the subset otherwise.
+      none is kept, runs it plainly when all are, and otherwise takes the subset. A ``Residual``
+      measures what the subset saves and costs at its site on its first training calls and then
+      takes the mask where the subset costs more (``auto_choice``; see the docs' "How auto
+      chooses"); this function keeps no state, so it takes the subset.
 
     Branches that mix samples (BatchNorm in training mode) see only the kept samples under
-    ``"subset"`` and ``"auto"``: their batch statistics are those of the kept samples, as if the
-    batch were smaller. Use ``strategy="mask"`` to keep statistics over the whole batch.
+    ``"subset"``: their batch statistics are those of the kept samples, as if the batch were
+    smaller. Use ``strategy="mask"`` to keep statistics over the whole batch.
 
     Random decisions are drawn on the host from the CPU generator (``generator`` when it is a CPU
     generator, else the global one): no device synchronization, identical decisions in processes
@@ -209,7 +212,9 @@ class Residual(DropBase):
         mode: ``"row"`` or ``"batch"``. Default: ``"row"``.
         batch_dim: the dimension that indexes samples. Default: 0.
         scale_by_keep: multiply the kept branch output by ``1 / (1 - p)``. Default: True.
-        strategy: ``"auto"``, ``"subset"`` or ``"mask"``. Default: ``"auto"``.
+        strategy: ``"auto"``, ``"subset"`` or ``"mask"``. ``"auto"`` takes the subset or the mask,
+            whichever costs less here, measured on the first training calls (``auto_choice``
+            says which). Default: ``"auto"``.
         bucket: round subset batch sizes up to a multiple of ``bucket``. Default: None.
 
     ``p``, ``mode``, ``batch_dim``, ``scale_by_keep``, ``strategy`` and ``bucket`` are plain

@@ -58,7 +58,8 @@ class _ScatterAdd(torch.autograd.Function):
 
     ``Tensor.index_add`` keeps its whole ``source`` alive for backward (to shape its gradient),
     which would hold on to the branch output of every kept row; this only needs the indices.
-    ``clone()`` keeps ``base``'s memory format (channels_last), which ``index_add`` would not.
+    The forward is one out-of-place ``index_add``, or for a channels_last result a ``clone()``
+    in that format and an in-place one (``index_add`` returns its result contiguous).
     """
 
     @staticmethod
@@ -73,6 +74,8 @@ class _ScatterAdd(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(idx)
         ctx.dim, ctx.alpha = dim, alpha
+        if memory_format == torch.preserve_format and not is_channels_last(base):
+            return torch.index_add(base, dim, idx, source, alpha=alpha)  # one pass, not two
         return base.clone(memory_format=memory_format).index_add_(dim, idx, source, alpha=alpha)
 
     @staticmethod
@@ -111,8 +114,10 @@ class _Split(torch.autograd.Function):
             shape = list(grad_rows.shape)
             shape[ctx.dim] = ctx.n
             grad_x = grad_rows.new_zeros(shape)
+        elif not is_channels_last(grad_x):  # a new tensor: grad_x may be shared with other nodes
+            return torch.index_add(grad_x, ctx.dim, idx, grad_rows), None, None
         else:
-            grad_x = grad_x.clone()  # may be shared with other nodes: never written in place
+            grad_x = grad_x.clone()  # keeps channels_last, which index_add would not
         return grad_x.index_add_(ctx.dim, idx, grad_rows), None, None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -109,7 +110,9 @@ class DropBase(nn.Module):
 
     def __init__(self, spec: DropSpec, names: tuple[str, ...] = COMMON_SETTINGS) -> None:
         super().__init__()
-        self.__dict__["_spec"] = replace(spec, auto=self._new_auto())
+        own = copy.copy(spec)  # checked already: not built again
+        object.__setattr__(own, "auto", self._new_auto())  # this module's own measurements
+        self.__dict__["_spec"] = own
         self.__dict__.update({name: getattr(spec, name) for name in names})
 
     @property
