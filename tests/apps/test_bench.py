@@ -49,6 +49,21 @@ def test_run_bench_reports_every_variant(kind, mode):
     assert report["kept_fraction"] == 0.5
     assert "| plain |" in format_table(report)
     json.dumps(report)
+    by_name = {r["name"]: r for r in report["results"]}
+    if mode == "row":  # what auto took at each of its sites (or "pending": still measuring)
+        choices = by_name["Residual auto"]["auto_choices"]
+        assert sum(choices.values()) >= 3 and set(choices) <= {"pending", "subset", "mask"}
+        assert by_name["Residual subset"]["auto_choices"] == {}  # pinned: nothing to choose
+        assert "auto chose, per site: " in format_table(report)
+    else:
+        assert all(r["auto_choices"] == {} for r in report["results"])
+
+
+def test_bench_reports_what_auto_chose():
+    cfg = BenchConfig(kind="mlp", depth=2, batch=8, width=16, tokens=4, p=0.5, reps=2, warmup=5)
+    report = run_bench(cfg, progress=False)
+    choices = {r["name"]: r["auto_choices"] for r in report["results"]}["Residual auto"]
+    assert sum(choices.values()) == 2 and set(choices) <= {"subset", "mask"}, choices
 
 
 def test_subset_saves_activation_memory():
