@@ -92,3 +92,27 @@ def draw(
     if k == n:
         return True
     return idx, run
+
+
+@eager
+def draw_mask(
+    spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
+) -> bool | Tensor:
+    """``draw``'s decisions as a mask: True (every row kept), False (none), or a float32 tensor
+    of ``n`` values on ``device``, ``spec.scale`` at the kept rows and 0 at the others. The same
+    host-side draw as ``draw_rows`` (the same decisions from the same random state), for a row
+    step that masks instead of taking the subset."""
+    if spec.p == 0.0:
+        return True
+    if spec.p == 1.0:
+        return False
+    kept = torch.rand(n, generator=_host_generator(generator)) < 1.0 - spec.p
+    k = int(kept.sum())
+    if k == 0:
+        return False
+    if k == n:
+        return True
+    mask = kept.to(torch.float32).mul_(spec.scale)
+    if device.type == "cuda":
+        mask = mask.pin_memory()
+    return mask.to(device, non_blocking=True)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from droppath._engine.cost import AutoChoice, Clock
-from droppath._engine.draws import draw
+from droppath._engine.draws import draw, draw_mask
 from droppath._engine.ops import (
     Branch,
     add,
@@ -133,6 +133,8 @@ def skip_add(
     clock, auto = None, spec.auto
     if auto is not None and spec.strategy == "auto" and spec.mode == "row":
         clock = auto.begin(x, dim, spec.p)
+    if masks(spec.mode, spec.strategy, auto):
+        return _masked_step(x, branch, spec, shortcut, generator, combine)
     kept = draw(spec, x.shape[dim], x.device, generator)
     if kept is False:
         return skip(run(shortcut, x, dim), branch)
@@ -140,9 +142,6 @@ def skip_add(
         base = run(shortcut, x, dim)
         return combine.whole(base, _timed(branch, x, dim, auto, clock), spec.scale)
     idx, to_run = kept
-    if masks(spec.mode, spec.strategy, auto):
-        base, out = run(shortcut, x, dim), run(branch, x, dim)
-        return combine.masked(base, out, _row_mask(idx, out, x.dim(), spec))
     # one node hands x to the shortcut path and the rows to run to the branch
     x_all, inputs = split(x, to_run, dim)
     at_rows = getattr(branch, "at_rows", None)
@@ -164,17 +163,28 @@ def _timed(
     return out
 
 
-@eager
-def _row_mask(idx: Tensor, out: Tensor, in_dims: int, spec: DropSpec) -> Tensor:
-    """The mask of a masked row step: ``spec.scale`` at the kept rows ``idx``, 0 elsewhere, shaped
-    to broadcast against the branch output ``out``."""
-    out_dim = spec.batch_dim % in_dims if out.dim() == in_dims else spec.batch_dim % out.dim()
-    n = out.shape[out_dim]
-    mask = torch.zeros(n, dtype=torch.float32, device=out.device)
-    mask.index_fill_(0, idx, spec.scale)
+@host_side
+def _masked_step(
+    x: Tensor,
+    branch: Branch,
+    spec: DropSpec,
+    shortcut: Branch | None,
+    generator: torch.Generator | None,
+    combine: Combine,
+) -> Tensor:
+    """A row step that masks: the branch on every row, the dropped ones multiplied by 0, with
+    the decisions drawn on the host as the subset draws them."""
+    dim = spec.batch_dim % x.dim()
+    mask = draw_mask(spec, x.shape[dim], x.device, generator)
+    if mask is False:
+        return skip(run(shortcut, x, dim), branch)
+    base, out = run(shortcut, x, dim), run(branch, x, dim)
+    if mask is True:
+        return combine.whole(base, out, spec.scale)
+    out_dim = dim if out.dim() == x.dim() else spec.batch_dim % out.dim()
     shape = [1] * out.dim()
-    shape[out_dim] = n
-    return mask.view(shape)
+    shape[out_dim] = out.shape[out_dim]
+    return combine.masked(base, out, mask.view(shape))
 
 
 def mask_add(
