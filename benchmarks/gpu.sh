@@ -25,7 +25,7 @@ if [ "${GPU_SH_TINY:-0}" = 1 ]; then
   stack=(--batch 4 --tokens 4 --width 64 --depth 3) r110=(--kind conv --batch 4 --depth 6)
 else
   dev=cuda vit=timm:vit_base_patch16_224 cnx=timm:convnext_tiny image=224 batch=64
-  reps=(--reps 15 --warmup 3) creps=(--reps 15 --warmup 6)
+  reps=(--reps 15 --warmup 5) creps=(--reps 15 --warmup 6)
   stack=(--batch 256 --tokens 64 --width 384 --depth 12) r110=(--kind conv --batch 128 --depth 54)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
