@@ -83,6 +83,21 @@ def test_benchmark_page_holds_the_rendered_table(folder):
     )
 
 
+def test_benchmark_page_holds_the_auto_table():
+    spec = importlib.util.spec_from_file_location(
+        "auto_check", ROOT / "benchmarks" / "auto_check.py"
+    )
+    auto_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auto_check)
+    folders = [ROOT / "benchmarks" / "results", ROOT / "benchmarks" / "results" / "lowrate"]
+    table = auto_check.table(folders)
+    assert table.count("\n| ") >= 20  # every setup of run_all.sh and of the low-rate grid
+    assert table in (ROOT / "docs" / "benchmarks.md").read_text(), (
+        "docs/benchmarks.md must hold `python benchmarks/auto_check.py benchmarks/results "
+        f"benchmarks/results/lowrate`:\n{table}"
+    )
+
+
 def test_render_draws_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
     render = _render()
