@@ -7,12 +7,17 @@ For every timm architecture module, one model (the smallest variant that builds,
 its own forward (see ``droppath.accelerate``). Printed per family: sites, how they run, why not.
 
     python benchmarks/census.py [--timm] [--hf] [--json out.json] [--only NAME ...]
+
+Each row records how its model was built (``small``, ``size``), so that ``replay(row)`` builds the
+same model again without the search for the smallest variant: CI's test of the census replays
+every row of ``census.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import re
@@ -47,6 +52,11 @@ class Family:
     eval_same: bool | None = None
     zero_same: bool | None = None
     branches_at_one: int | None = None
+    # how the model was built: ``small`` (timm: ``img_size=64`` where the model takes it, and
+    # 64-pixel images; transformers: at most 2 layers per stack) and ``size`` (transformers: the
+    # image size, None for the config's own)
+    small: bool | None = None
+    size: int | None = None
 
 
 def _rank(name: str) -> tuple[int, int, str]:
@@ -192,13 +202,18 @@ def _smallest(names: list[str], candidates: int = 8) -> list[str]:
     return [name for size, name in sorted(sizes) if size <= _LARGEST][:3]
 
 
-def timm_family(module: str, checks: bool = False) -> Family:
+def timm_family(
+    module: str, checks: bool = False, pinned: tuple[str, bool] | None = None
+) -> Family:
+    """The row of a timm architecture module; ``pinned``: ``(model, small)`` to build instead of
+    searching for the smallest variant."""
     import timm
 
     row = Family("timm", module, "")
     t0 = time.perf_counter()
-    for name in _smallest(timm.list_models(module=module)):
-        for small in (True, False):
+    names = [pinned[0]] if pinned else _smallest(timm.list_models(module=module))
+    for name in names:
+        for small in [pinned[1]] if pinned else [True, False]:
             try:
                 model = _build_timm(name, small)
                 with warnings.catch_warnings():
@@ -207,11 +222,11 @@ def timm_family(module: str, checks: bool = False) -> Family:
             except Exception as error:
                 row.error = f"{name}: {type(error).__name__}: {str(error)[:120]}"
                 continue
-            row.model, row.error = name, ""
+            row.model, row.error, row.small = name, "", small
             row.seconds = time.perf_counter() - t0
             return row
     row.seconds = time.perf_counter() - t0
-    if not row.error:
+    if not row.error and not pinned:
         row.error = _why_none(timm.list_models(module=module))
     return row
 
@@ -234,6 +249,7 @@ def _why_none(names: list[str]) -> str:
     return "no drop_path_rate"
 
 
+@functools.cache
 def _hf_classes() -> list[tuple[str, Any, Any]]:
     """``(model type, config class, model class)`` for every transformers model type whose config
     takes ``drop_path_rate``; the model class is the base model (AutoModel) or, without one, the
@@ -294,10 +310,15 @@ def _hf_config(config_cls: Any, small: bool, image: int | None = None) -> Any:
         "drop_path_rate": [0.1] * len(rate) if isinstance(rate, list | tuple) else 0.1
     }
     if small:
-        for attr in ("num_hidden_layers", "num_layers"):
+        # the encoder's and a predictor's (V-JEPA 2) stacks
+        for attr in ("num_hidden_layers", "num_layers", "pred_num_hidden_layers"):
             value = getattr(default, attr, None)
             if isinstance(value, int) and value > 2:
                 kwargs[attr] = 2
+        # EoMT: the last num_blocks layers of the encoder also process the queries
+        blocks = getattr(default, "num_blocks", None)
+        if isinstance(blocks, int) and blocks > 1 and "num_hidden_layers" in kwargs:
+            kwargs["num_blocks"] = 1
         for attr in ("depths", "depth"):
             value = getattr(default, attr, None)
             if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
@@ -327,7 +348,15 @@ def _hf_input(model: nn.Module, config: Any, size: int | None) -> dict[str, torc
     raise TypeError(f"no image input among {list(params)[:4]}")
 
 
-def hf_family(model_type: str, config_cls: Any, cls: Any, checks: bool = False) -> Family:
+def hf_family(
+    model_type: str,
+    config_cls: Any,
+    cls: Any,
+    checks: bool = False,
+    pinned: tuple[bool, int | None] | None = None,
+) -> Family:
+    """The row of a transformers model type; ``pinned``: ``(small, size)`` to build instead of
+    trying the smallest config first."""
     row = Family("transformers", model_type, getattr(cls, "__name__", ""))
     t0 = time.perf_counter()
     if cls is None:
@@ -341,7 +370,7 @@ def hf_family(model_type: str, config_cls: Any, cls: Any, checks: bool = False) 
     if count > _LARGEST:
         row.error = f"left out: {count / 1e6:.0f}M parameters at 2 layers per stack"
         return row
-    for small, size in ((True, 64), (True, None), (False, None)):
+    for small, size in [pinned] if pinned else [(True, 64), (True, None), (False, None)]:
         try:
             config = _hf_config(config_cls, small, size)
             model = cls(config)
@@ -351,10 +380,28 @@ def hf_family(model_type: str, config_cls: Any, cls: Any, checks: bool = False) 
         except Exception as error:
             row.error = f"{type(error).__name__}: {str(error)[:160]}"
             continue
-        row.error = ""
+        row.error, row.small, row.size = "", small, size
         break
     row.seconds = time.perf_counter() - t0
     return row
+
+
+def replay(recorded: dict[str, Any], checks: bool = True) -> Family:
+    """A row of ``--json`` measured again on the model it records, built the same way (no search
+    for the smallest variant)."""
+    if recorded["library"] == "timm":
+        return timm_family(
+            recorded["family"], checks, pinned=(recorded["model"], bool(recorded["small"]))
+        )
+    found = {t: (c, m) for t, c, m in _hf_classes()}
+    config_cls, cls = found[recorded["family"]]
+    return hf_family(
+        recorded["family"],
+        config_cls,
+        cls,
+        checks,
+        pinned=(bool(recorded["small"]), recorded["size"]),
+    )
 
 
 def _print(row: Family) -> None:
