@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import droppath._derive.ops as ops
-from droppath import accelerate, set_drop_rates
+from droppath import accelerate, drop_path_sites, set_drop_rates
 
 _SIZE = ["atto", "femto", "pico", "nano", "tiny", "mini", "xxs", "xs", "small", "t", "s"]
 
@@ -52,6 +52,10 @@ class Family:
     eval_same: bool | None = None
     zero_same: bool | None = None
     branches_at_one: int | None = None
+    # site calls in that rate-0 training step, where each block runs its own forward (0: the
+    # sites never run, as in an EfficientNet whose every block changes shape, and no check can
+    # fail: the search takes the next variant)
+    called: int | None = None
     # how the model was built: ``small`` (timm: ``img_size=64`` where the model takes it, and
     # 64-pixel images; transformers: at most 2 layers per stack) and ``size`` (transformers: the
     # image size, None for the config's own)
@@ -114,10 +118,22 @@ def _branches_at_rate_one(model: nn.Module, x: Any) -> int:
     return calls[0]
 
 
+def _vary_constants(model: nn.Module) -> None:
+    """Draw from a normal distribution the parameters that the library initialises to one value:
+    layer scales at 1e-5 or 1e-6, a residual branch's last BatchNorm or gain at 0, norm weights at
+    1, biases at 0. With a branch scaled by 1e-6 or 0, the check of a derived forward (outputs and
+    gradients within a tolerance relative to their scale) could not tell a wrong one."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and bool((p == p.flatten()[0]).all()):
+                p.normal_()
+
+
 def check(row: Family, model: nn.Module, x: Any, checks: bool) -> None:
     """Accelerate ``model`` and train one step (which verifies every derived block); with
     ``checks``, compare with an untouched copy in eval and at rate 0, and count the branches run
     at rate 1."""
+    _vary_constants(model)
     original = copy.deepcopy(model) if checks else None
     report = accelerate(model, batchnorm="subset")
     if original is not None:
@@ -129,7 +145,19 @@ def check(row: Family, model: nn.Module, x: Any, checks: bool) -> None:
     if original is not None:
         set_drop_rates(model, 0.0, "uniform")
         set_drop_rates(original, 0.0, "uniform")
-        row.zero_same = _same(model, original, x, train=True)
+        calls = Counter[str]()
+        hooks = [
+            m.register_forward_hook(lambda *_: calls.update(["call"]))
+            for _, m in drop_path_sites(model)
+        ]
+        try:
+            row.zero_same = _same(model, original, x, train=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        row.called = calls["call"]
+        if not row.called:
+            raise RuntimeError("no drop-path site is called: nothing to check")
         row.branches_at_one = _branches_at_rate_one(model, x)
 
 
@@ -199,7 +227,7 @@ def _smallest(names: list[str], candidates: int = 8) -> list[str]:
             sizes.append((_LARGEST, name))  # meta linspace): a candidate, tried last
             continue
         sizes.append((sum(p.numel() for p in model.parameters()), name))
-    return [name for size, name in sorted(sizes) if size <= _LARGEST][:3]
+    return [name for size, name in sorted(sizes) if size <= _LARGEST][:5]
 
 
 def timm_family(

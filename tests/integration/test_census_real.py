@@ -44,8 +44,9 @@ MASKED = {("timm", "coat"), ("timm", "resnest"), ("transformers", "swiftformer")
 @pytest.mark.parametrize("recorded", BUILT, ids=lambda r: f"{r['library']}:{r['family']}")
 def test_family(recorded):
     """The family's row of census.json measured again, on the model it records built the same way
-    (no search for the smallest variant: the full census does that): the same sites, running the
-    same way for the same reasons, and its three checks hold."""
+    (no search for the smallest variant: the full census does that; random weights, parameters
+    the library sets to one value drawn too): the same sites, running the same way for the same
+    reasons (a derived forward that fails its check runs on the mask), and its three checks."""
     require(recorded["library"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,6 +55,7 @@ def test_family(recorded):
     assert (row.model, row.sites) == (recorded["model"], recorded["sites"])
     assert row.runs == recorded["runs"] and row.reasons == recorded["reasons"], row.reasons
     assert not row.runs.get("mask") or (row.library, row.family) in MASKED, row.reasons
+    assert row.called, "no drop-path site is called: nothing was checked"
     assert row.eval_same is True, "evaluation differs from the original"
     assert row.zero_same is True, "rate-0 training differs from the original"
     assert row.branches_at_one == 0, "a branch ran at rate 1"
