@@ -16,6 +16,7 @@ _EXPORTS = {
     "AccelerationReport": "droppath.report",
     "SiteReport": "droppath.report",
     "accelerate": "droppath.acceleration",
+    "draw_ahead": "droppath.ahead",
     "DropPath": "droppath.drop",
     "drop_path": "droppath.drop",
     "LayerDrop": "droppath.layerdrop",
@@ -43,6 +44,7 @@ __all__ = [
     "accelerate",
     "convert",
     "depth_rates",
+    "draw_ahead",
     "drop_add_residual",
     "drop_path",
     "drop_path_sites",
@@ -53,6 +55,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from droppath.acceleration import accelerate
+    from droppath.ahead import draw_ahead
     from droppath.drop import DropPath, drop_path
     from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
     from droppath.pruning import prune

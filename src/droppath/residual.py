@@ -15,8 +15,10 @@ from droppath._checks import check_input
 from droppath._engine import (
     ALL_SETTINGS,
     Branch,
+    Drawn,
     DropBase,
     DropSpec,
+    ahead_add,
     eager,
     host_side,
     mask_add,
@@ -238,6 +240,10 @@ class Residual(DropBase):
 
     strategy: str
     bucket: int | None
+    # set by droppath.draw_ahead's hook: this forward's decisions; the batch size and device of
+    # the last host-side step, which the hook draws for
+    _ahead: Drawn | None = None
+    _ahead_rows: tuple[int, torch.device] | None = None
 
     def __init__(
         self,
@@ -269,6 +275,9 @@ class Residual(DropBase):
             return _plain(x, self.branch, self.shortcut)
         if masks(self.mode, self.strategy):  # in the graph, with the branch
             return self._residual(x, True)
+        drawn = self._ahead  # the decisions drawn before the model's forward (draw_ahead)
+        if drawn is not None and drawn.rows.shape[0] == x.shape[self.batch_dim]:
+            return ahead_add(x, self.branch, drawn, self.batch_dim % x.dim(), self.shortcut)
         # "auto" too, whichever step it chose: under torch.compile a choice that changes with the
         # rate then changes no graph
         return _module_step(self, x)
@@ -287,6 +296,19 @@ class Residual(DropBase):
             bucket=self.bucket,
         )
 
+    @property
+    def auto_choice(self) -> str | None:
+        choice = super().auto_choice
+        if choice is not None and self._ahead is not None:
+            return "subset"  # drawn ahead (draw_ahead): the row subset, in the model's graph
+        return choice
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_ahead", None)  # one forward's decisions
+        state.pop("_ahead_rows", None)
+        return state
+
     def extra_repr(self) -> str:
         bucket = "" if self.bucket is None else f", bucket={self.bucket}"
         settings = super().extra_repr().replace(self._chosen(), "")
@@ -300,4 +322,5 @@ def _module_step(block: Residual, x: Tensor) -> Tensor:
     version (some specialize every float a graph reads)."""
     spec = block.spec
     check_input(x, spec.batch_dim)
+    block._ahead_rows = (x.shape[spec.batch_dim], x.device)
     return skip_add(x, block.branch, spec, shortcut=block.shortcut)

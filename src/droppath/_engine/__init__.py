@@ -7,6 +7,8 @@
 - ``ops``: the tensor operations (``split``, ``scatter_add``, ``skip``,
   ``rows``, ``gather``, ``keep_mask``) and how they run under torch.compile
   (``host_side``, ``eager``).
+- ``ahead``: decisions drawn before the model's forward (``predraw``) and the traceable step
+  that reads them (``ahead_add``), for one graph per compiled forward (``droppath.draw_ahead``).
 - ``cost``: ``AutoChoice``, how ``strategy="auto"`` chooses a site's step from measured costs.
 - ``step``: the step itself, ``skip_add`` (the dropped work skipped) or ``mask_add``
   (the classic mask), and ``run``, which calls a branch from the host-side step.
@@ -16,6 +18,7 @@ The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop
 built), and call the step, which checks nothing again.
 """
 
+from droppath._engine.ahead import Drawn, ahead_add, predraw
 from droppath._engine.cost import AutoChoice
 from droppath._engine.draws import draw, draw_gate, draw_rows
 from droppath._engine.ops import (
@@ -37,10 +40,12 @@ __all__ = [
     "AutoChoice",
     "Branch",
     "Combine",
+    "Drawn",
     "DropBase",
     "DropSpec",
     "Subset",
     "Sum",
+    "ahead_add",
     "draw",
     "draw_gate",
     "draw_rows",
@@ -50,6 +55,7 @@ __all__ = [
     "keep_mask",
     "mask_add",
     "masks",
+    "predraw",
     "rows",
     "run",
     "scatter_add",

@@ -10,6 +10,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from droppath.ahead import draw_ahead
 from droppath.apps.bench.config import BenchConfig
 from droppath.apps.bench.models import build_model
 from droppath.apps.bench.report import machine_info
@@ -57,6 +58,8 @@ def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
     if cfg.compile:
         torch._dynamo.reset()
         backend = cfg.compile_backend
+        for m in models.values():  # each Residual's step in the model's graph
+            draw_ahead(m)
         runners = {n: cast(nn.Module, torch.compile(m, backend=backend)) for n, m in models.items()}
     else:
         runners = dict(models)

@@ -1,0 +1,147 @@
+"""Keep decisions drawn ahead of a forward, so that a compiled model runs as one graph.
+
+The host-side step (``droppath._engine.step.skip_add``) draws each site's decisions when the
+site runs; under torch.compile that costs one graph break per site and forward. Drawn ahead, on
+the host, before the model's forward (``predraw``, called by the hook that
+``droppath.draw_ahead`` installs), a site's decisions enter the graph as two tensors: ``run``,
+the rows to run the branch on (the kept ones, then fillers), and ``weights``, per row run, the
+kept rows' scale and 0 for the fillers. Their length is dynamic, so every draw reuses one graph;
+the rate lives only in the tensors' values, so a schedule recompiles nothing. ``ahead_add`` is
+the traceable step that reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from droppath._engine.draws import draw_rows
+from droppath._engine.ops import Branch, eager, is_channels_last, promoted
+from droppath._engine.spec import DropSpec
+
+
+class Drawn(NamedTuple):
+    """One site's decisions for one forward, on the site's device.
+
+    ``run``: the indices of the rows to run (at least two of ``n`` when ``n`` allows: a batch
+    of one is specialized by torch.compile and rejected by BatchNorm), the kept ones first;
+    ``weights``: float32, one per row run, ``scale`` at a kept row and 0 at a filler;
+    ``where``: for each of the ``n`` rows, its position in ``run`` (0 for a dropped row);
+    ``rows``: float32, for each of the ``n`` rows, ``scale`` if kept, else 0."""
+
+    run: Tensor
+    weights: Tensor
+    where: Tensor
+    rows: Tensor
+
+
+@eager
+def predraw(
+    spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
+) -> Drawn:
+    """The decisions of a row-mode step of ``spec`` over ``n`` rows, drawn on the host now.
+
+    The same draws as ``draw_rows`` (an independent Bernoulli(1 - p) per row, from the same
+    random state), so a site keeps each row with probability exactly ``1 - p``. A step that
+    keeps every row runs them all with weight ``scale``; one that keeps none runs two fillers
+    with weight 0 (their gradients are zeros, so DDP finds every parameter used).
+    """
+    if spec.p == 0.0:
+        idx = run = torch.arange(n)
+    elif spec.p == 1.0:
+        idx, run = torch.arange(0), torch.arange(min(2, n))
+    else:
+        idx, run = draw_rows(
+            n, 1.0 - spec.p, torch.device("cpu"), generator=generator, bucket=spec.bucket
+        )
+        if run.shape[0] < min(2, n):  # none kept: draw_rows runs nothing
+            run = torch.arange(min(2, n))
+    k = idx.shape[0]
+    weights = torch.zeros(run.shape[0], dtype=torch.float32)
+    weights[:k] = spec.scale
+    where = torch.zeros(n, dtype=torch.long)
+    where[idx] = torch.arange(k)
+    rows = torch.zeros(n, dtype=torch.float32)
+    rows[idx] = spec.scale
+    drawn = Drawn(run, weights, where, rows)
+    if device.type != "cpu":
+        drawn = Drawn(*(_to(t, device) for t in drawn))
+    for t in drawn:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return drawn
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` copied to ``device`` without waiting for it (from pinned memory to a GPU)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _along(t: Tensor, dim: int, ndim: int) -> Tensor:
+    """The 1-D ``t`` shaped to broadcast along ``dim`` of an ``ndim``-dimensional tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return t.view(shape)
+
+
+def _spread(src: Tensor, drawn: Drawn, dim: int) -> Tensor:
+    """``src``'s rows (one per row run) at the rows of the batch: at a kept row, the row of
+    ``src`` that ran for it times the scale; at a dropped one, 0. A gather, not a scatter (on a
+    CPU or GPU a gather vectorizes and fuses with what follows; a scatter adds atomically)."""
+    rows = _along(drawn.rows, dim, src.dim())
+    picked = src.index_select(dim, drawn.where)
+    return torch.where(rows > 0, picked * rows.to(src.dtype), 0)
+
+
+class _Take(torch.autograd.Function):
+    """``x``'s rows to run (``x.index_select(dim, run)``), whose backward is a gather too: the
+    gradient at a kept row is the gradient of its row run, at a dropped row 0 (a filler's is 0:
+    its output is weighted 0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, drawn: Drawn, dim: int) -> Tensor:
+        ctx.save_for_backward(drawn.where, drawn.rows)
+        ctx.dim = dim
+        return x.index_select(dim, drawn.run)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        where, rows = ctx.saved_tensors
+        kept = _along(rows, ctx.dim, grad.dim()) > 0
+        return torch.where(kept, grad.index_select(ctx.dim, where), 0), None, None
+
+
+class _Put(torch.autograd.Function):
+    """``base`` plus the branch output of the rows run, weighted, at the rows they ran for."""
+
+    @staticmethod
+    def forward(ctx: Any, base: Tensor, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
+        ctx.save_for_backward(drawn.run, drawn.weights)
+        ctx.dim = dim
+        return base + _spread(out, drawn, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        run, weights = ctx.saved_tensors
+        picked = grad.index_select(ctx.dim, run)
+        return grad, picked * _along(weights, ctx.dim, grad.dim()).to(grad.dtype), None, None
+
+
+def ahead_add(
+    x: Tensor, branch: Branch, drawn: Drawn, dim: int, shortcut: Branch | None = None
+) -> Tensor:
+    """``shortcut(x) + drop_path(branch(x))`` under the decisions ``drawn``: the branch runs on
+    ``drawn.run``'s rows, and its output, times ``drawn.weights``, is added back at those rows.
+
+    Every tensor operation is traceable and a gather, forward and backward: under torch.compile
+    the step is part of the model's graph, the gathers fused with the branch's own operations."""
+    base = x if shortcut is None else shortcut(x)
+    out = branch(_Take.apply(x, drawn, dim))  # type: ignore[no-untyped-call]
+    base, out = promoted(base, out)
+    y: Tensor = _Put.apply(base, out, drawn, dim)  # type: ignore[no-untyped-call]
+    if is_channels_last(base) and not is_channels_last(y):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y

@@ -1,0 +1,219 @@
+"""draw_ahead: decisions drawn before the forward, each Residual's step in the model's graph."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import binom_pvalue
+from droppath import DropRateScheduler, Residual, draw_ahead, set_drop_rates
+from droppath._engine import DropSpec, predraw
+
+
+def _mlp(width=16):
+    return nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+    )
+
+
+def _stack(depth=4, p=0.3, **kw):
+    return nn.Sequential(*[Residual(_mlp(), p, **kw) for _ in range(depth)])
+
+
+def _grads(model):
+    return [torch.zeros_like(q) if q.grad is None else q.grad for q in model.parameters()]
+
+
+def _step(model, x, seed):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = model(x)
+    out.backward(torch.ones_like(out))
+    return out.detach(), x.grad
+
+
+class _Counting:
+    """A compile backend that counts the graphs compiled and the graph calls."""
+
+    def __init__(self):
+        self.compiled = self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiled += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.8, 1.0])
+def test_same_step_as_the_host_side_draws(p):
+    """A one-block model draws the same decisions ahead as the block draws for itself (the same
+    random state): the same output, input gradient and parameter gradients."""
+    torch.manual_seed(0)
+    plain = Residual(_mlp(), p, strategy="subset")
+    ahead = copy.deepcopy(plain)
+    draw_ahead(ahead)
+    x = torch.randn(12, 3, 16)
+    for seed in range(3):
+        out_a, gx_a = _step(plain, x, seed)
+        out_b, gx_b = _step(ahead, x, seed)
+        torch.testing.assert_close(out_a, out_b)
+        torch.testing.assert_close(gx_a, gx_b)
+    assert ahead._ahead is not None
+    for a, b in zip(_grads(plain), _grads(ahead)):
+        torch.testing.assert_close(a, b)  # every row dropped: zeros, from two fillers
+
+
+def test_compiled_equals_eager_and_is_one_graph_per_forward():
+    """The issue's count: a stack of 12 blocks, compiled, its rates changed at every step by a
+    schedule and the batch size changed once: one graph per forward after the first step (the
+    hook's break before it, none of a block's own), and nothing recompiled by the rates."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _stack(12)
+    reference = copy.deepcopy(model)
+    draw_ahead(reference)
+    draw_ahead(model)
+    sched = DropRateScheduler(model, 0.5, depth_rule="linear", time_rule="warmup", warmup_steps=8)
+    backend = _Counting()
+    compiled = torch.compile(model, backend=backend)
+    calls, compiled_counts = [], []
+    for step in range(10):
+        x = torch.randn(24 if step == 6 else 32, 4, 16)
+        backend.calls = 0
+        out, gx = _step(compiled, x, step)
+        calls.append(backend.calls)
+        compiled_counts.append(backend.compiled)
+        set_drop_rates(reference, sched.get_last_p(), "model")
+        ref_out, ref_gx = _step(reference, x, step)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(gx, ref_gx)
+        sched.step()
+    assert calls == [1] * 10, calls
+    # one graph, and one more for the batch size that changed (then dynamic)
+    assert compiled_counts[-1] <= 2 and compiled_counts[5] == compiled_counts[0], compiled_counts
+    assert len(set(sched.get_last_p())) > 1
+
+
+def test_drawn_rows_keep_each_sample_with_probability_one_minus_p():
+    spec = DropSpec(0.3)
+    torch.manual_seed(0)
+    kept = runs = 0
+    for _ in range(400):
+        drawn = predraw(spec, 10, torch.device("cpu"))
+        n_kept = int((drawn.rows > 0).sum())
+        kept += n_kept
+        runs += 1
+        # the weights: the scale at the kept rows run first, 0 at fillers
+        assert drawn.weights[:n_kept].eq(1 / 0.7).all() and drawn.weights[n_kept:].eq(0).all()
+        assert drawn.run.shape[0] >= 2
+        assert torch.equal(drawn.run[drawn.where[drawn.rows > 0]], (drawn.rows > 0).nonzero()[:, 0])
+    assert binom_pvalue(kept, 10 * runs, 0.7) > 1e-4
+
+
+def test_bucket_fillers_carry_no_weight():
+    drawn = predraw(DropSpec(0.5, bucket=8), 64, torch.device("cpu"))
+    assert drawn.run.shape[0] % 8 == 0
+    assert int((drawn.weights > 0).sum()) == int((drawn.rows > 0).sum())
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_checkpointed_block_recomputes_the_same_rows():
+    """The recomputation in backward reads the decisions its forward read."""
+    torch.manual_seed(0)
+    plain = _stack(3, 0.5)
+    ckpt = nn.Sequential(*[_Checkpointed(b) for b in copy.deepcopy(plain)])
+    draw_ahead(plain)
+    draw_ahead(ckpt)
+    x = torch.randn(16, 16)
+    for seed in range(3):
+        out_a, gx_a = _step(plain, x, seed)
+        out_b, gx_b = _step(ckpt, x, seed)
+        torch.testing.assert_close(out_a, out_b)
+        torch.testing.assert_close(gx_a, gx_b)
+    for a, b in zip(_grads(plain), _grads(ckpt)):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_conv_block_and_bfloat16_autocast():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    plain = Residual(conv, 0.5, strategy="subset").to(memory_format=torch.channels_last)
+    ahead = copy.deepcopy(plain)
+    draw_ahead(ahead)
+    x = torch.randn(8, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    out_a, gx_a = _step(plain, x, 1)
+    out_b, gx_b = _step(ahead, x, 1)
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(gx_a, gx_b)
+    assert out_b.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(2)
+        lin_a = Residual(nn.Linear(16, 16), 0.5)
+        lin_b = copy.deepcopy(lin_a)
+        draw_ahead(lin_b)
+        x = torch.randn(8, 16)
+        lin_b(x)
+        torch.manual_seed(4)
+        ya = lin_a(x)
+        torch.manual_seed(4)
+        yb = lin_b(x)
+    assert ya.dtype == yb.dtype == torch.float32
+    torch.testing.assert_close(ya, yb)
+
+
+def test_sites_it_leaves_alone_eval_and_remove():
+    model = nn.Sequential(
+        Residual(_mlp(), 0.3, mode="batch"),
+        Residual(_mlp(), 0.3, strategy="mask"),
+        Residual(_mlp()),
+    )
+    handle = draw_ahead(model)
+    x = torch.randn(8, 16)
+    model(x)
+    assert model[0]._ahead is None and model[1]._ahead is None
+    assert model[2]._ahead is not None and model[2].auto_choice == "subset"
+    assert "auto='subset'" in repr(model[2])
+    model.eval()
+    torch.testing.assert_close(model(x), model[2](model[1](model[0](x))))
+    assert model[2]._ahead is None
+    model.train()
+    model(x)
+    handle.remove()
+    assert model[2]._ahead is None and not model._forward_pre_hooks
+    with draw_ahead(model):
+        model(x)
+        assert model[2]._ahead is not None
+    assert model[2]._ahead is None
+
+
+def test_pickles_without_its_decisions():
+    model = _stack(2)
+    draw_ahead(model)
+    model(torch.randn(4, 16))
+    loaded = pickle.loads(pickle.dumps(model))
+    assert "_ahead" not in loaded[0].__dict__
+    loaded(torch.randn(4, 16))  # its hook came along and draws again
+    assert loaded[0]._ahead is not None
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        draw_ahead(1)
+    with pytest.raises(ValueError, match="generator must be a CPU torch.Generator or None"):
+        draw_ahead(nn.Linear(2, 2), generator="cpu")
