@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from conftest import binom_pvalue
-from droppath import DropRateScheduler, Residual, draw_ahead, set_drop_rates
+from droppath import DropRateScheduler, Residual, accelerate, draw_ahead, set_drop_rates
 from droppath._engine import DropSpec, predraw
+from stand_ins import TimmDropPath
 
 
 def _mlp(width=16):
@@ -217,3 +218,98 @@ def test_bad_arguments():
         draw_ahead(1)
     with pytest.raises(ValueError, match="generator must be a CPU torch.Generator or None"):
         draw_ahead(nn.Linear(2, 2), generator="cpu")
+
+
+# Blocks that accelerate rewrites, with timm's DropPath (a stand-in of the same name): a sum with
+# a per-sample side input and a layer scale after the site, and a site whose output is not added
+# to a shortcut (its rows are computed for the kept samples only, zeros elsewhere).
+
+
+class _SumBlock(nn.Module):
+    def __init__(self, p=0.4):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.gamma = nn.Parameter(torch.randn(16))
+        self.drop_path = TimmDropPath(p)
+
+    def forward(self, x, bias):
+        return x + self.drop_path(self.fc(x + bias)) * self.gamma
+
+
+class _RowsBlock(nn.Module):
+    def __init__(self, p=0.4):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        self.drop_path = TimmDropPath(p)
+
+    def forward(self, x, bias):
+        return torch.cat([x[..., :8], self.drop_path(self.fc(x - bias))], -1)
+
+
+class _Net(nn.Module):
+    def __init__(self, *blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x, bias=None):
+        for block in self.blocks:
+            x = block(x, bias)
+        return x
+
+
+def _net_step(model, x, bias, seed):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = model(x, bias=bias)
+    out.backward(torch.ones_like(out))
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("block", [_SumBlock, _RowsBlock])
+def test_accelerated_block_takes_the_same_step(block):
+    """One rewritten site: the decisions drawn ahead are those it draws for itself, so the step
+    is the same (its derived forward is checked in the hook's eager run first)."""
+    torch.manual_seed(0)
+    plain = _Net(block())
+    accelerate(plain)
+    ahead = copy.deepcopy(plain)
+    draw_ahead(ahead)
+    x, bias = torch.randn(12, 3, 16), torch.randn(12, 3, 16)
+    for seed in range(3):
+        out_a, gx_a = _net_step(plain, x, bias, seed)
+        out_b, gx_b = _net_step(ahead, x, bias, seed)
+        torch.testing.assert_close(out_a, out_b)
+        torch.testing.assert_close(gx_a, gx_b)
+    assert ahead.blocks[0].__dict__["_droppath_verified"]
+    assert ahead.blocks[0].drop_path._ahead is not None
+    for a, b in zip(_grads(plain), _grads(ahead)):
+        torch.testing.assert_close(a, b)
+
+
+def test_accelerated_model_compiles_to_one_graph_per_forward():
+    """Accelerated blocks under draw_ahead: checked before the first graph (no check inside it),
+    then one graph per forward under changing rates, equal to the eager steps; at rate 0 the
+    eager step is the original's, bit for bit."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    original = _Net(_SumBlock(), _RowsBlock(), _SumBlock())
+    model = copy.deepcopy(original)
+    accelerate(model)
+    reference = copy.deepcopy(model)
+    draw_ahead(model)
+    draw_ahead(reference)
+    backend = _Counting()
+    compiled = torch.compile(model, backend=backend)
+    x, bias = torch.randn(16, 3, 16), torch.randn(16, 3, 16)
+    for step in range(6):
+        set_drop_rates(model, 0.1 * step, "linear")
+        set_drop_rates(reference, 0.1 * step, "linear")
+        backend.calls = 0
+        out, gx = _net_step(compiled, x, bias, step)
+        assert backend.calls == 1, (step, backend.calls)
+        ref_out, ref_gx = _net_step(reference, x, bias, step)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(gx, ref_gx)
+    assert backend.compiled == 1
+    set_drop_rates(reference, 0.0, "uniform")
+    assert torch.equal(reference(x, bias=bias), original(x, bias=bias))

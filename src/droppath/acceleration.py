@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -53,10 +54,56 @@ class _AcceleratedBlock:
             # evaluation, and torch.fx tracing: the block's own forward, whose drop-path
             # modules become nodes of their own (the mask; see droppath._fx)
             return super().forward(*args, **kwargs)  # type: ignore[misc]
+        state = self.__dict__
+        if state.get(_AHEAD):  # droppath.draw_ahead: no host-side step, so one compiled graph
+            if state.get(_FAILED):
+                return super().forward(*args, **kwargs)  # type: ignore[misc]
+            if state.get(_VERIFIED):
+                traced = self._droppath_candidates[state.get(_CHOSEN, 0)].traced
+                return traced(self, *args, **kwargs)
         return _train_forward(self, args, kwargs)
 
 
 _VERIFIED, _FAILED, _CHOSEN = "_droppath_verified", "_droppath_failed", "_droppath_choice"
+# set by droppath.draw_ahead on the blocks whose sites it draws for
+_AHEAD = "_droppath_ahead"
+# while True, a block checks its derived forward on its next training call whatever its rates
+_CHECK_NOW = [False]
+
+
+def accelerated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of ``model`` that ``accelerate`` rewrote, and the sites of each."""
+    return [m for m in model.modules() if isinstance(m, _AcceleratedBlock)]
+
+
+def block_sites(block: nn.Module) -> list[nn.Module]:
+    """The drop-path modules of an accelerated block's derived sites."""
+    return [getattr(block, s) for s in getattr(block, "_droppath_sites", ())]
+
+
+def set_ahead(block: nn.Module, on: bool) -> None:
+    """Mark an accelerated block as drawn ahead (``droppath.draw_ahead``), or not."""
+    if on:
+        block.__dict__[_AHEAD] = True
+    else:
+        block.__dict__.pop(_AHEAD, None)
+
+
+def unchecked(block: nn.Module) -> bool:
+    """Whether an accelerated block has still to check its derived forward."""
+    state = block.__dict__
+    return not state.get(_VERIFIED) and not state.get(_FAILED)
+
+
+@contextmanager
+def checking_now() -> Iterator[None]:
+    """Accelerated blocks check their derived forward on their next training call, even where
+    every rate is 0 (``droppath.draw_ahead`` checks them all before the first compiled step)."""
+    _CHECK_NOW[0] = True
+    try:
+        yield
+    finally:
+        _CHECK_NOW[0] = False
 
 
 @host_side
@@ -67,8 +114,9 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     original = _base(block).forward
     state = block.__dict__
     derived = candidates[state.get(_CHOSEN, 0)]
-    if state.get(_FAILED) or all(
-        float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites
+    if state.get(_FAILED) or (
+        not _CHECK_NOW[0]
+        and all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites)
     ):
         return original(block, *args, **kwargs)
     if not state.get(_VERIFIED):

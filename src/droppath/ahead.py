@@ -10,30 +10,44 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from droppath._engine import Drawn, eager, masks, predraw
+from droppath._engine import Drawn, DropBase, eager, masks, predraw
+from droppath.acceleration import (
+    accelerated_blocks,
+    block_sites,
+    checking_now,
+    set_ahead,
+    unchecked,
+)
 from droppath.residual import Residual
 
 __all__ = ["AheadHandle", "draw_ahead"]
 
 
 def draw_ahead(model: nn.Module, *, generator: torch.Generator | None = None) -> AheadHandle:
-    """Draw the keep decisions of ``model``'s row-mode ``Residual`` blocks before each forward.
+    """Draw the keep decisions of ``model``'s row-mode sites before each forward: its
+    ``Residual`` blocks and the blocks that ``accelerate`` rewrote.
 
-    Without it, under ``torch.compile``, each ``Residual`` that skips rows draws its decisions on
-    the host when it runs: one graph break per block and forward. With it, a forward pre-hook on
-    ``model`` draws them all first, on the host, and each block's step (gather the rows to run,
+    Without it, under ``torch.compile``, each site that skips rows draws its decisions on the
+    host when it runs: one graph break per site and forward. With it, a forward pre-hook on
+    ``model`` draws them all first, on the host, and each site's step (gather the rows to run,
     the branch, add them back, weighted) is part of the model's graph: one graph for the whole
     forward, whatever the draws, and no recompilation when a schedule changes the rates (the
-    rates are in the drawn tensors, not in the graph). Nothing waits for the device.
+    rates are in the drawn tensors, not in the graph). Nothing waits for the device. On the
+    first training forward, while an accelerated block has not yet checked its derived forward,
+    the hook runs the forward once eagerly, without gradients, for the checks (buffers and the
+    random state put back), so that no check happens inside a graph.
 
     The decisions are those of the host-side step: each sample kept with probability exactly
     ``1 - p``, independently, from the CPU random state (or ``generator``, a CPU generator). A
-    block draws ahead from its second training call on: the first runs the host-side step and
-    notes the batch size; a call with another batch size (the last, smaller batch of an epoch)
-    takes the host-side step again. Blocks in batch mode, or pinned to ``strategy="mask"``
-    (whose mask is drawn inside the graph already), are left as they are. A block with
-    ``strategy="auto"`` takes the row subset: in one graph, the mask's alternative would run
-    every row through the same gather and scatter. The blocks are those in ``model`` now.
+    site draws for the batch size of the model's first tensor argument along its ``batch_dim``,
+    or, once it has run a host-side step, for the batch size that step saw (a block that runs on
+    windows, or on tokens as rows); a call whose decisions do not fit takes the host-side step.
+    Sites in batch mode, and ``Residual`` blocks pinned to ``strategy="mask"`` (whose mask is
+    drawn inside the graph already), are left as they are; an accelerated site pinned to the
+    mask runs every row, weighted by its decision. A site with ``strategy="auto"`` takes the
+    row subset: in one graph, the mask's alternative would run every row through the same
+    gathers. The sites are those in ``model`` now. Where the step keeps no row, two rows run
+    with weight 0: the branch's parameters get zero gradients, as DDP wants.
 
     Args:
         model: the module whose forward the decisions are drawn before; compile it (or not)
@@ -61,18 +75,25 @@ def draw_ahead(model: nn.Module, *, generator: torch.Generator | None = None) ->
         not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
     ):
         raise ValueError(f"generator must be a CPU torch.Generator or None, got {generator!r}")
-    hook = _DrawHook([m for m in model.modules() if isinstance(m, Residual)], generator)
-    return AheadHandle(model.register_forward_pre_hook(hook), hook.blocks)
+    blocks = accelerated_blocks(model)
+    sites: list[DropBase] = [m for m in model.modules() if isinstance(m, Residual)]
+    sites += [s for b in blocks for s in block_sites(b) if isinstance(s, DropBase)]
+    for block in blocks:
+        set_ahead(block, True)
+    hook = _DrawHook(sites, blocks, generator)
+    return AheadHandle(model.register_forward_pre_hook(hook, with_kwargs=True), hook)
 
 
 class _DrawHook:
     """The forward pre-hook: a picklable object, so a model that holds it pickles."""
 
-    def __init__(self, blocks: list[Residual], generator: torch.Generator | None) -> None:
-        self.blocks, self.generator = blocks, generator
+    def __init__(
+        self, sites: list[DropBase], blocks: list[nn.Module], generator: torch.Generator | None
+    ) -> None:
+        self.sites, self.blocks, self.generator = sites, blocks, generator
 
-    def __call__(self, module: nn.Module, args: Any) -> None:
-        _draw(self.blocks, _first_tensor(args), self.generator)
+    def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        _draw(module, self, args, kwargs)
 
 
 class AheadHandle:
@@ -80,13 +101,15 @@ class AheadHandle:
     with it (the blocks draw for themselves again). Also a context manager that removes it on
     exit."""
 
-    def __init__(self, handle: RemovableHandle, blocks: list[Residual]) -> None:
-        self._handle, self._blocks = handle, blocks
+    def __init__(self, handle: RemovableHandle, hook: _DrawHook) -> None:
+        self._handle, self._hook = handle, hook
 
     def remove(self) -> None:
         self._handle.remove()
-        for block in self._blocks:
-            block._ahead = None
+        for site in self._hook.sites:
+            site._ahead = None
+        for block in self._hook.blocks:
+            set_ahead(block, False)
 
     def __enter__(self) -> AheadHandle:
         return self
@@ -96,11 +119,26 @@ class AheadHandle:
 
 
 @eager  # on the host: under torch.compile, the one graph break of the forward, before its graph
-def _draw(
-    blocks: list[Residual], first: torch.Tensor | None, generator: torch.Generator | None
-) -> None:
-    for block in blocks:
-        block._ahead = _decisions(block, first, generator)
+def _draw(model: nn.Module, hook: _DrawHook, args: Any, kwargs: dict[str, Any]) -> None:
+    if model.training and any(unchecked(b) for b in hook.blocks):
+        _check_blocks(model, args, kwargs)
+    first = _first_tensor((*args, *kwargs.values()))
+    for site in hook.sites:
+        site._ahead = _decisions(site, first, hook.generator)
+
+
+def _check_blocks(model: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    """Run the forward once, eagerly and without gradients, so that every accelerated block
+    checks its derived forward on its real inputs before a compiled graph runs it (a check in
+    the graph would break it). Buffers (BatchNorm's statistics) and the random state are put
+    back as they were."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), checking_now():
+        model.forward(*args, **kwargs)
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
@@ -115,17 +153,23 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 def _decisions(
-    block: Residual, first: torch.Tensor | None, generator: torch.Generator | None
+    site: DropBase, first: torch.Tensor | None, generator: torch.Generator | None
 ) -> Drawn | None:
-    """A block's decisions for the coming forward, or None where it takes another step: drawn
+    """A site's decisions for the coming forward, or None where it takes another step: drawn
     for the batch size and device of its last host-side step, or before its first for those of
-    the model's first tensor argument along the block's ``batch_dim``."""
-    if not block.training or block.mode != "row" or masks(block.mode, block.strategy):
+    the model's first tensor argument along the site's ``batch_dim``. A ``Residual`` pinned to
+    the mask draws its mask in the graph; another site pinned to it (an accelerated block's)
+    gets the mask as decisions: every row run, each weighted."""
+    spec = site.spec
+    if not site.training or spec.mode != "row":
         return None
-    seen = block._ahead_rows
+    masked = masks(spec.mode, spec.strategy)
+    if masked and isinstance(site, Residual):
+        return None
+    seen = site._ahead_rows
     if seen is None:
         if first is None or first.dim() == 0:
             return None
-        seen = (first.shape[block.batch_dim % first.dim()], first.device)
+        seen = (first.shape[spec.batch_dim % first.dim()], first.device)
     n, device = seen
-    return predraw(block.spec, n, device, generator)
+    return predraw(spec, n, device, generator, every_row=masked)

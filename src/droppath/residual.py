@@ -15,7 +15,6 @@ from droppath._checks import check_input
 from droppath._engine import (
     ALL_SETTINGS,
     Branch,
-    Drawn,
     DropBase,
     DropSpec,
     ahead_add,
@@ -240,10 +239,6 @@ class Residual(DropBase):
 
     strategy: str
     bucket: int | None
-    # set by droppath.draw_ahead's hook: this forward's decisions; the batch size and device of
-    # the last host-side step, which the hook draws for
-    _ahead: Drawn | None = None
-    _ahead_rows: tuple[int, torch.device] | None = None
 
     def __init__(
         self,
@@ -302,12 +297,6 @@ class Residual(DropBase):
         if choice is not None and self._ahead is not None:
             return "subset"  # drawn ahead (draw_ahead): the row subset, in the model's graph
         return choice
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_ahead", None)  # one forward's decisions
-        state.pop("_ahead_rows", None)
-        return state
 
     def extra_repr(self) -> str:
         bucket = "" if self.bucket is None else f", bucket={self.bucket}"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from droppath._derive.ahead_ops import AHEAD_OPS
 from droppath._derive.errors import DeriveError
 from droppath._derive.ops import add, radd, rows
 from droppath._derive.source import Source
@@ -32,6 +33,8 @@ class Derived:
     forward: Callable[..., Any]
     sites: tuple[str, ...]
     source: str
+    # the same code with the ops that read decisions drawn ahead (droppath.draw_ahead): traceable
+    traced: Callable[..., Any] | None = None
 
 
 class _Super(ast.NodeTransformer):
@@ -99,9 +102,10 @@ def generate(cls: type, source: Source, body: list[ast.stmt], output: Output) ->
     make = types.FunctionType(factory_code, fn.__globals__)
     # its own code runs on the host under torch.compile, as drop_add_residual's step does: the
     # branches and modules it calls compile as graphs of their own (droppath._engine.host_side)
-    forward = make(add, radd, rows, cls)
-    forward.__defaults__ = fn.__defaults__
-    forward.__kwdefaults__ = fn.__kwdefaults__
-    forward.__qualname__ = f"{cls.__qualname__}.forward"
+    forward, traced = make(add, radd, rows, cls), make(*AHEAD_OPS, cls)
+    for f in (forward, traced):
+        f.__defaults__ = fn.__defaults__
+        f.__kwdefaults__ = fn.__kwdefaults__
+        f.__qualname__ = f"{cls.__qualname__}.forward"
     sites_done = tuple(sorted(output.rewritten - output.kept))
-    return Derived(host_side(forward), sites_done, text)
+    return Derived(host_side(forward), sites_done, text, traced)

@@ -32,7 +32,7 @@ from droppath._engine import (
     split,
 )
 
-__all__ = ["ForcedDrop", "add", "radd", "rows"]
+__all__ = ["GATHER", "ForcedDrop", "add", "radd", "reference", "rows", "stand_in"]
 
 BranchFn = Callable[..., Tensor]
 _BASE = object()  # stands for the rows of the sum's base among a branch's arguments
@@ -86,7 +86,7 @@ def _branch(
     holder: list[Any] | None = [] if sides else None
     if base is not None:
         return _Gathered(fn, block, tuple(_BASE if a is base else a for a in args), base, holder)
-    ref = _reference(args, 0)
+    ref = reference(args, 0)
     if ref is None:
         raise RuntimeError("droppath: a derived branch has no tensor input to take rows from")
     return _Gathered(fn, block, args, ref, holder)
@@ -103,7 +103,7 @@ def _with_sides(branch: _Gathered, out: Tensor, dim: int, n: int) -> tuple[Any, 
         with torch.no_grad():
             few = torch.arange(min(2, n), device=branch.ref.device)
             branch.at_rows(few, dim)(branch.ref.index_select(dim, few))
-    return (out, *(_stand_in(v, dim, n) for v in branch.sides))
+    return (out, *(stand_in(v, dim, n) for v in branch.sides))
 
 
 class DroppedRows:
@@ -123,14 +123,14 @@ class DroppedRows:
         return cls()._fail()
 
 
-def _stand_in(obj: Any, dim: int, n: int) -> Any:
+def stand_in(obj: Any, dim: int, n: int) -> Any:
     if isinstance(obj, Tensor):
         return DroppedRows() if obj.dim() > dim and obj.shape[dim] != n else obj
     if isinstance(obj, tuple | list):
-        items = [_stand_in(o, dim, n) for o in obj]
+        items = [stand_in(o, dim, n) for o in obj]
         return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
     if isinstance(obj, dict):
-        return {k: _stand_in(v, dim, n) for k, v in obj.items()}
+        return {k: stand_in(v, dim, n) for k, v in obj.items()}
     return obj
 
 
@@ -144,14 +144,14 @@ def _at_rows(branch: _Gathered, run: Tensor, dim: int) -> _Gathered:
     return _Gathered(branch.fn, branch.block, args, branch.ref, branch.sides)
 
 
-def _reference(args: Any, dim: int) -> Tensor | None:
+def reference(args: Any, dim: int) -> Tensor | None:
     """The first tensor argument with a batch dimension (inside lists and tuples too): where a
     branch's rows come from."""
     for a in args:
         if isinstance(a, Tensor) and a.dim() > dim and a.dim() >= 2:
             return a
         if isinstance(a, tuple | list):
-            found = _reference(a, dim)
+            found = reference(a, dim)
             if found is not None:
                 return found
     return None
@@ -198,6 +198,7 @@ def _sum(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool, sides: 
         # the training step: this frame runs on the host, so no graph reads the rate
         spec = drop.spec
         check_input(base, spec.batch_dim)
+        drop._ahead_rows = (base.shape[spec.batch_dim % base.dim()], base.device)  # draw_ahead
         out = skip_add(base, branch, spec, combine=Sum(branch_first))
         if out.data_ptr() == base.data_ptr():
             # every sample dropped: the sum is the base itself, which the block may then change
@@ -237,6 +238,7 @@ def _rows(drop: Any, block: nn.Module, site: str, branch: _Gathered) -> Tensor:
     ref = branch.ref
     dim = spec.batch_dim % ref.dim()
     n = int(ref.shape[dim])
+    drop._ahead_rows = (n, ref.device)  # what droppath.draw_ahead draws for
     kept = draw(spec, n, ref.device)
     if kept is True:
         return _remember(block, site, ref, dim, branch(None)) * spec.scale

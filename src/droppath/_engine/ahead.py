@@ -39,15 +39,28 @@ class Drawn(NamedTuple):
 
 @eager
 def predraw(
-    spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
+    spec: DropSpec,
+    n: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    *,
+    every_row: bool = False,
 ) -> Drawn:
     """The decisions of a row-mode step of ``spec`` over ``n`` rows, drawn on the host now.
 
     The same draws as ``draw_rows`` (an independent Bernoulli(1 - p) per row, from the same
     random state), so a site keeps each row with probability exactly ``1 - p``. A step that
     keeps every row runs them all with weight ``scale``; one that keeps none runs two fillers
-    with weight 0 (their gradients are zeros, so DDP finds every parameter used).
+    with weight 0 (their gradients are zeros, so DDP finds every parameter used). With
+    ``every_row``, the mask: every row runs, each weighted by its decision.
     """
+    if every_row:
+        kept = torch.ones(n, dtype=torch.bool)
+        if 0.0 < spec.p:
+            kept = torch.rand(n, generator=_host(generator)) < 1.0 - spec.p
+        run = torch.arange(n)
+        rows = kept.to(torch.float32) * spec.scale
+        return _placed(Drawn(run, rows.clone(), torch.arange(n), rows), device)
     if spec.p == 0.0:
         idx = run = torch.arange(n)
     elif spec.p == 1.0:
@@ -65,7 +78,15 @@ def predraw(
     where[idx] = torch.arange(k)
     rows = torch.zeros(n, dtype=torch.float32)
     rows[idx] = spec.scale
-    drawn = Drawn(run, weights, where, rows)
+    return _placed(Drawn(run, weights, where, rows), device)
+
+
+def _host(generator: torch.Generator | None) -> torch.Generator | None:
+    return generator if generator is not None and generator.device.type == "cpu" else None
+
+
+def _placed(drawn: Drawn, device: torch.device) -> Drawn:
+    """``drawn`` on ``device``, its lengths marked dynamic for torch.compile."""
     if device.type != "cpu":
         drawn = Drawn(*(_to(t, device) for t in drawn))
     for t in drawn:
@@ -115,19 +136,44 @@ class _Take(torch.autograd.Function):
 
 
 class _Put(torch.autograd.Function):
-    """``base`` plus the branch output of the rows run, weighted, at the rows they ran for."""
+    """The branch output of the rows run, weighted, at the rows they ran for, 0 elsewhere;
+    plus ``base`` when there is one."""
 
     @staticmethod
-    def forward(ctx: Any, base: Tensor, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
+    def forward(ctx: Any, base: Tensor | None, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
         ctx.save_for_backward(drawn.run, drawn.weights)
-        ctx.dim = dim
-        return base + _spread(out, drawn, dim)
+        ctx.dim, ctx.has_base = dim, base is not None
+        spread = _spread(out, drawn, dim)
+        return spread if base is None else base + spread
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         run, weights = ctx.saved_tensors
         picked = grad.index_select(ctx.dim, run)
-        return grad, picked * _along(weights, ctx.dim, grad.dim()).to(grad.dtype), None, None
+        grad_out = picked * _along(weights, ctx.dim, grad.dim()).to(grad.dtype)
+        return grad if ctx.has_base else None, grad_out, None, None
+
+
+def ahead_rows(x: Tensor, drawn: Drawn, dim: int) -> Tensor:
+    """``x``'s rows to run under ``drawn``, a gather whose backward is a gather too."""
+    rows: Tensor = _Take.apply(x, drawn, dim)  # type: ignore[no-untyped-call]
+    return rows
+
+
+def ahead_put(
+    base: Tensor | None, out: Tensor, drawn: Drawn, dim: int, *, branch_layout: bool = False
+) -> Tensor:
+    """``base`` (zeros without one) plus ``out``, the branch output of ``drawn.run``'s rows,
+    weighted, at those rows: a gather, forward and backward. The result is in ``base``'s
+    memory format, or with ``branch_layout`` in ``out``'s when that is channels_last (as
+    ``out + base`` gives)."""
+    if base is not None:
+        base, out = promoted(base, out)
+    y: Tensor = _Put.apply(base, out, drawn, dim)  # type: ignore[no-untyped-call]
+    ref = out if branch_layout or base is None else base
+    if is_channels_last(ref) and not is_channels_last(y):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def ahead_add(
@@ -139,9 +185,4 @@ def ahead_add(
     Every tensor operation is traceable and a gather, forward and backward: under torch.compile
     the step is part of the model's graph, the gathers fused with the branch's own operations."""
     base = x if shortcut is None else shortcut(x)
-    out = branch(_Take.apply(x, drawn, dim))  # type: ignore[no-untyped-call]
-    base, out = promoted(base, out)
-    y: Tensor = _Put.apply(base, out, drawn, dim)  # type: ignore[no-untyped-call]
-    if is_channels_last(base) and not is_channels_last(y):
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return ahead_put(base, branch(ahead_rows(x, drawn, dim)), drawn, dim)

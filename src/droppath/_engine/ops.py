@@ -232,7 +232,7 @@ def scatter_add(
     return result
 
 
-def gather(obj: Any, idx: Tensor, n: int, dim: int, *, min_dims: int = 2) -> Any:
+def gather(obj: Any, idx: Tensor, n: int, dim: int, *, min_dims: int = 2, mark: bool = True) -> Any:
     """``obj`` with every tensor of at least ``min_dims`` dimensions whose size along ``dim`` is
     ``n`` taken at rows ``idx`` (marked dynamic along ``dim`` for torch.compile), inside tuples,
     lists and dicts too; everything else as it is.
@@ -240,19 +240,21 @@ def gather(obj: Any, idx: Tensor, n: int, dim: int, *, min_dims: int = 2) -> Any
     1-D tensors are left alone: in transformer layers they index positions (``cache_position``),
     and a sequence as long as the batch would otherwise be cut. Derived forwards
     (``droppath._derive.ops``) use it with ``min_dims=3`` first, for the same reason with
-    ``(tokens, dim)`` tables.
+    ``(tokens, dim)`` tables. ``mark=False`` inside a graph being traced (its sizes are symbolic
+    already).
     """
     if isinstance(obj, Tensor):
         if obj.dim() >= min_dims and obj.dim() > dim and obj.shape[dim] == n:
             taken = obj.index_select(dim, idx)
-            torch._dynamo.maybe_mark_dynamic(taken, dim)
+            if mark:
+                torch._dynamo.maybe_mark_dynamic(taken, dim)
             return taken
         return obj
     if isinstance(obj, tuple | list):
-        items = [gather(o, idx, n, dim, min_dims=min_dims) for o in obj]
+        items = [gather(o, idx, n, dim, min_dims=min_dims, mark=mark) for o in obj]
         return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
     if isinstance(obj, dict):
-        return {k: gather(v, idx, n, dim, min_dims=min_dims) for k, v in obj.items()}
+        return {k: gather(v, idx, n, dim, min_dims=min_dims, mark=mark) for k, v in obj.items()}
     return obj
 
 

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from droppath._checks import (
@@ -107,6 +108,10 @@ class DropBase(nn.Module):
     _spec: DropSpec
     # whether strategy "auto" measures this module's costs (False: the row subset, always)
     _measures: bool = True
+    # set by droppath.draw_ahead's hook: this forward's decisions (droppath._engine.ahead); the
+    # batch size and device of the last host-side step, which the hook draws for
+    _ahead: Any = None  # a droppath._engine.ahead.Drawn, or None
+    _ahead_rows: tuple[int, torch.device] | None = None
 
     def __init__(self, spec: DropSpec, names: tuple[str, ...] = COMMON_SETTINGS) -> None:
         super().__init__()
@@ -143,6 +148,8 @@ class DropBase(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state.pop("_spec", None)  # with the measured costs: measured again where loaded
+        state.pop("_ahead", None)  # one forward's decisions (droppath.draw_ahead)
+        state.pop("_ahead_rows", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,122 @@
+"""The run-time ops of a derived forward whose sites' decisions were drawn before the model's
+forward (``droppath.draw_ahead``): ``add_ahead``, ``radd_ahead`` and ``rows_ahead`` compute what
+``droppath._derive.ops``'s ``add``, ``radd`` and ``rows`` compute, with traceable tensor
+operations only (``droppath._engine.ahead``), so that under torch.compile the block is part of the
+model's graph. A site without decisions that fit (drawn for another batch size) takes the
+host-side op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from droppath._derive.ops import GATHER, BranchFn, add, radd, reference, rows, stand_in
+from droppath._engine import Drawn, ahead_put, ahead_rows, gather
+
+__all__ = ["AHEAD_OPS", "add_ahead", "radd_ahead", "rows_ahead"]
+
+
+def _drawn(drop: Any, ref: Tensor) -> tuple[Drawn, int] | None:
+    """The site's decisions for ``ref``'s rows and its batch dimension, if it has some."""
+    drawn = getattr(drop, "_ahead", None)
+    if drawn is None or not drop.training:
+        return None
+    dim = int(drop.batch_dim) % ref.dim()
+    if drawn.rows.shape[0] != ref.shape[dim]:
+        return None
+    return drawn, dim
+
+
+def _taken(block: nn.Module, args: tuple[Any, ...], base: Any, drawn: Drawn, dim: int) -> Any:
+    """``args`` at the rows to run: ``base`` (the sum's base, if any) by a gather whose backward
+    is a gather, the other per-sample arguments as ``at_rows`` takes them."""
+    ref = base if base is not None else reference(args, 0)
+    n = ref.shape[dim] if ref is not None else 0
+    min_dims = int(block.__dict__.get(GATHER, 3))
+    taken = None if base is None else ahead_rows(base, drawn, dim)
+    return tuple(
+        taken if a is base else gather(a, drawn.run, n, dim, min_dims=min_dims, mark=False)
+        for a in args
+    )
+
+
+def _run(
+    block: nn.Module,
+    fn: BranchFn,
+    args: tuple[Any, ...],
+    base: Tensor | None,
+    found: tuple[Drawn, int],
+    sides: int,
+) -> tuple[Tensor, tuple[Any, ...]]:
+    """The branch on the rows to run: its output, and with ``sides`` the values it returns beside
+    it (one with a row per row run stands for rows that were not all computed: ``DroppedRows``,
+    as on the host)."""
+    drawn, dim = found
+    result = fn(block, *_taken(block, args, base, drawn, dim))
+    if not sides:
+        return result, ()
+    n = drawn.rows.shape[0]
+    return result[0], tuple(stand_in(v, dim, n) for v in result[1:])
+
+
+def _sum_ahead(
+    block: nn.Module,
+    site: str,
+    base: Tensor,
+    fn: BranchFn,
+    args: tuple[Any, ...],
+    how: tuple[bool, int],
+) -> Any:
+    """``add_ahead``, or with ``how[0]`` (the branch output the sum's first operand)
+    ``radd_ahead``; ``how[1]``: the values the branch returns beside its output."""
+    first, sides = how
+    found = _drawn(getattr(block, site), base)
+    if found is None:
+        return (radd if first else add)(block, site, base, fn, args, sides=sides)
+    out, rest = _run(block, fn, args, base, found, sides)
+    y = ahead_put(base, out, *found, branch_layout=first)
+    return (y, *rest) if sides else y
+
+
+def add_ahead(
+    block: nn.Module,
+    site: str,
+    base: Tensor,
+    fn: BranchFn,
+    args: tuple[Any, ...],
+    *,
+    sides: int = 0,
+) -> Any:
+    """``add`` with the site's decisions drawn ahead."""
+    return _sum_ahead(block, site, base, fn, args, (False, sides))
+
+
+def radd_ahead(
+    block: nn.Module,
+    site: str,
+    base: Tensor,
+    fn: BranchFn,
+    args: tuple[Any, ...],
+    *,
+    sides: int = 0,
+) -> Any:
+    """``radd`` with the site's decisions drawn ahead."""
+    return _sum_ahead(block, site, base, fn, args, (True, sides))
+
+
+def rows_ahead(
+    block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], *, sides: int = 0
+) -> Any:
+    """``rows`` with the site's decisions drawn ahead."""
+    ref = reference(args, 0)
+    found = None if ref is None else _drawn(getattr(block, site), ref)
+    if found is None:
+        return rows(block, site, fn, args, sides=sides)
+    out, rest = _run(block, fn, args, None, found, sides)
+    y = ahead_put(None, out, *found)
+    return (y, *rest) if sides else y
+
+
+AHEAD_OPS = (add_ahead, radd_ahead, rows_ahead)
