@@ -291,13 +291,6 @@ class Residual(DropBase):
             bucket=self.bucket,
         )
 
-    @property
-    def auto_choice(self) -> str | None:
-        choice = super().auto_choice
-        if choice is not None and self._ahead is not None:
-            return "subset"  # drawn ahead (draw_ahead): the row subset, in the model's graph
-        return choice
-
     def extra_repr(self) -> str:
         bucket = "" if self.bucket is None else f", bucket={self.bucket}"
         settings = super().extra_repr().replace(self._chosen(), "")

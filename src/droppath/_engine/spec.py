@@ -139,11 +139,12 @@ class DropBase(nn.Module):
         """What row mode's ``strategy="auto"`` takes at this site in training: ``"pending"``
         until its costs are measured (on its first training calls, see ``droppath.Residual``),
         then ``"subset"`` or ``"mask"``; None when the site has no choice to make (another
-        strategy, batch mode, or a module that always takes the subset: ``LayerDrop``)."""
+        strategy, batch mode, or a module that always takes the subset: ``LayerDrop``). A site
+        whose decisions ``droppath.draw_ahead`` draws takes the subset, in the model's graph."""
         spec = self._spec
         if spec.mode != "row" or spec.strategy != "auto" or spec.auto is None:
             return None
-        return spec.auto.state
+        return "subset" if self._ahead is not None else spec.auto.state
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
