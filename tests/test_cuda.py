@@ -49,6 +49,25 @@ def test_no_host_device_sync(kw):
     torch.cuda.synchronize()
 
 
+def test_draw_ahead_has_no_host_device_sync():
+    """Decisions drawn ahead reach the device by pinned, non-blocking copies: nothing waits."""
+    from droppath import draw_ahead
+
+    model = _stack()
+    draw_ahead(model)
+    x = torch.randn(64, 16, 32, device="cuda", requires_grad=True)
+    model(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            model(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert model[0]._ahead is not None and model[0]._ahead.run.is_cuda
+    torch.cuda.synchronize()
+
+
 def test_subset_rows_match_the_branch_on_cuda():
     block = _stack(1)[0]
     x = torch.randn(256, 32, device="cuda")
