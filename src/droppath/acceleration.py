@@ -72,7 +72,7 @@ _CHECK_NOW = [False]
 
 
 def accelerated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of ``model`` that ``accelerate`` rewrote, and the sites of each."""
+    """The blocks of ``model`` that ``accelerate`` rewrote."""
     return [m for m in model.modules() if isinstance(m, _AcceleratedBlock)]
 
 

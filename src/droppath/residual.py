@@ -19,6 +19,7 @@ from droppath._engine import (
     DropSpec,
     ahead_add,
     eager,
+    fitting,
     host_side,
     mask_add,
     masks,
@@ -270,9 +271,9 @@ class Residual(DropBase):
             return _plain(x, self.branch, self.shortcut)
         if masks(self.mode, self.strategy):  # in the graph, with the branch
             return self._residual(x, True)
-        drawn = self._ahead  # the decisions drawn before the model's forward (draw_ahead)
-        if drawn is not None and drawn.rows.shape[0] == x.shape[self.batch_dim]:
-            return ahead_add(x, self.branch, drawn, self.batch_dim % x.dim(), self.shortcut)
+        dim = fitting(self._ahead, x, self.batch_dim)  # decisions drawn before the forward
+        if dim is not None:  # (draw_ahead): the step in the model's graph
+            return ahead_add(x, self.branch, self._ahead, dim, self.shortcut)
         # "auto" too, whichever step it chose: under torch.compile a choice that changes with the
         # rate then changes no graph
         return _module_step(self, x)

@@ -13,27 +13,22 @@ from typing import Any
 from torch import Tensor, nn
 
 from droppath._derive.ops import GATHER, BranchFn, add, radd, reference, rows, stand_in
-from droppath._engine import Drawn, ahead_put, ahead_rows, gather
+from droppath._engine import Drawn, ahead_put, ahead_rows, fitting, gather
 
 __all__ = ["AHEAD_OPS", "add_ahead", "radd_ahead", "rows_ahead"]
 
 
 def _drawn(drop: Any, ref: Tensor) -> tuple[Drawn, int] | None:
     """The site's decisions for ``ref``'s rows and its batch dimension, if it has some."""
-    drawn = getattr(drop, "_ahead", None)
-    if drawn is None or not drop.training:
-        return None
-    dim = int(drop.batch_dim) % ref.dim()
-    if drawn.rows.shape[0] != ref.shape[dim]:
-        return None
-    return drawn, dim
+    drawn: Drawn | None = getattr(drop, "_ahead", None)
+    dim = fitting(drawn, ref, int(drop.batch_dim)) if drop.training else None
+    return None if drawn is None or dim is None else (drawn, dim)
 
 
 def _taken(block: nn.Module, args: tuple[Any, ...], base: Any, drawn: Drawn, dim: int) -> Any:
     """``args`` at the rows to run: ``base`` (the sum's base, if any) by a gather whose backward
     is a gather, the other per-sample arguments as ``at_rows`` takes them."""
-    ref = base if base is not None else reference(args, 0)
-    n = ref.shape[dim] if ref is not None else 0
+    n = drawn.rows.shape[0]  # the batch size the decisions fit
     min_dims = int(block.__dict__.get(GATHER, 3))
     taken = None if base is None else ahead_rows(base, drawn, dim)
     return tuple(

@@ -18,7 +18,7 @@ The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop
 built), and call the step, which checks nothing again.
 """
 
-from droppath._engine.ahead import Drawn, ahead_add, ahead_put, ahead_rows, predraw
+from droppath._engine.ahead import Drawn, ahead_add, ahead_put, ahead_rows, fitting, predraw
 from droppath._engine.cost import AutoChoice
 from droppath._engine.draws import draw, draw_gate, draw_rows
 from droppath._engine.ops import (
@@ -52,6 +52,7 @@ __all__ = [
     "draw_gate",
     "draw_rows",
     "eager",
+    "fitting",
     "gather",
     "host_side",
     "keep_mask",

@@ -3,11 +3,10 @@
 The host-side step (``droppath._engine.step.skip_add``) draws each site's decisions when the
 site runs; under torch.compile that costs one graph break per site and forward. Drawn ahead, on
 the host, before the model's forward (``predraw``, called by the hook that
-``droppath.draw_ahead`` installs), a site's decisions enter the graph as two tensors: ``run``,
-the rows to run the branch on (the kept ones, then fillers), and ``weights``, per row run, the
-kept rows' scale and 0 for the fillers. Their length is dynamic, so every draw reuses one graph;
-the rate lives only in the tensors' values, so a schedule recompiles nothing. ``ahead_add`` is
-the traceable step that reads them.
+``droppath.draw_ahead`` installs), a site's decisions enter the graph as tensors (``Drawn``): the
+rows to run the branch on, and each row's scale (0 where dropped). Their lengths are dynamic, so
+every draw reuses one graph; the rate lives only in the tensors' values, so a schedule recompiles
+nothing. ``ahead_add`` is the traceable step that reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from droppath._engine.draws import draw_rows
+from droppath._engine.draws import draw_kept, draw_rows, to_device
 from droppath._engine.ops import Branch, eager, is_channels_last, promoted
 from droppath._engine.spec import DropSpec
 
@@ -27,14 +26,26 @@ class Drawn(NamedTuple):
 
     ``run``: the indices of the rows to run (at least two of ``n`` when ``n`` allows: a batch
     of one is specialized by torch.compile and rejected by BatchNorm), the kept ones first;
-    ``weights``: float32, one per row run, ``scale`` at a kept row and 0 at a filler;
     ``where``: for each of the ``n`` rows, its position in ``run`` (0 for a dropped row);
     ``rows``: float32, for each of the ``n`` rows, ``scale`` if kept, else 0."""
 
     run: Tensor
-    weights: Tensor
     where: Tensor
     rows: Tensor
+
+    @property
+    def weights(self) -> Tensor:
+        """The weight of each row run: its scale if kept, 0 for a filler (a dropped row)."""
+        return self.rows.index_select(0, self.run)
+
+
+def fitting(drawn: Drawn | None, x: Tensor, batch_dim: int) -> int | None:
+    """The batch dimension of ``x`` if ``drawn`` was drawn for its rows, else None (the site
+    takes its host-side step)."""
+    if drawn is None:
+        return None
+    dim = batch_dim % x.dim()
+    return dim if drawn.rows.shape[0] == x.shape[dim] else None
 
 
 @eager
@@ -57,10 +68,9 @@ def predraw(
     if every_row:
         kept = torch.ones(n, dtype=torch.bool)
         if 0.0 < spec.p:
-            kept = torch.rand(n, generator=_host(generator)) < 1.0 - spec.p
-        run = torch.arange(n)
+            kept = draw_kept(n, 1.0 - spec.p, generator)
         rows = kept.to(torch.float32) * spec.scale
-        return _placed(Drawn(run, rows.clone(), torch.arange(n), rows), device)
+        return _placed(Drawn(torch.arange(n), torch.arange(n), rows), device)
     if spec.p == 0.0:
         idx = run = torch.arange(n)
     elif spec.p == 1.0:
@@ -71,34 +81,19 @@ def predraw(
         )
         if run.shape[0] < min(2, n):  # none kept: draw_rows runs nothing
             run = torch.arange(min(2, n))
-    k = idx.shape[0]
-    weights = torch.zeros(run.shape[0], dtype=torch.float32)
-    weights[:k] = spec.scale
     where = torch.zeros(n, dtype=torch.long)
-    where[idx] = torch.arange(k)
+    where[idx] = torch.arange(idx.shape[0])
     rows = torch.zeros(n, dtype=torch.float32)
     rows[idx] = spec.scale
-    return _placed(Drawn(run, weights, where, rows), device)
-
-
-def _host(generator: torch.Generator | None) -> torch.Generator | None:
-    return generator if generator is not None and generator.device.type == "cpu" else None
+    return _placed(Drawn(run, where, rows), device)
 
 
 def _placed(drawn: Drawn, device: torch.device) -> Drawn:
     """``drawn`` on ``device``, its lengths marked dynamic for torch.compile."""
-    if device.type != "cpu":
-        drawn = Drawn(*(_to(t, device) for t in drawn))
+    drawn = Drawn(*(to_device(t, device) for t in drawn))
     for t in drawn:
         torch._dynamo.maybe_mark_dynamic(t, 0)
     return drawn
-
-
-def _to(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` copied to ``device`` without waiting for it (from pinned memory to a GPU)."""
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def _along(t: Tensor, dim: int, ndim: int) -> Tensor:
@@ -141,16 +136,16 @@ class _Put(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, base: Tensor | None, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
-        ctx.save_for_backward(drawn.run, drawn.weights)
+        ctx.save_for_backward(drawn.run, drawn.rows)
         ctx.dim, ctx.has_base = dim, base is not None
         spread = _spread(out, drawn, dim)
         return spread if base is None else base + spread
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        run, weights = ctx.saved_tensors
-        picked = grad.index_select(ctx.dim, run)
-        grad_out = picked * _along(weights, ctx.dim, grad.dim()).to(grad.dtype)
+        run, rows = ctx.saved_tensors
+        weights = _along(rows.index_select(0, run), ctx.dim, grad.dim())
+        grad_out = grad.index_select(ctx.dim, run) * weights.to(grad.dtype)
         return grad if ctx.has_base else None, grad_out, None, None
 
 
@@ -180,7 +175,7 @@ def ahead_add(
     x: Tensor, branch: Branch, drawn: Drawn, dim: int, shortcut: Branch | None = None
 ) -> Tensor:
     """``shortcut(x) + drop_path(branch(x))`` under the decisions ``drawn``: the branch runs on
-    ``drawn.run``'s rows, and its output, times ``drawn.weights``, is added back at those rows.
+    ``drawn.run``'s rows, and its output, times each kept row's scale, is added back at them.
 
     Every tensor operation is traceable and a gather, forward and backward: under torch.compile
     the step is part of the model's graph, the gathers fused with the branch's own operations."""

@@ -25,6 +25,22 @@ def _host_generator(generator: torch.Generator | None) -> torch.Generator | None
     return None
 
 
+def draw_kept(n: int, keep: float, generator: torch.Generator | None = None) -> Tensor:
+    """An independent Bernoulli(``keep``) decision per row of ``n``, on the host: the one draw
+    behind ``draw_rows``, ``draw_mask`` and the decisions drawn ahead (``predraw``)."""
+    return torch.rand(n, generator=_host_generator(generator)) < keep
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t``, drawn on the host, on ``device`` without waiting for it (through pinned memory to
+    a GPU)."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @eager
 def draw_gate(keep: float, *, generator: torch.Generator | None = None) -> bool:
     """One Bernoulli(keep) decision for batch mode, drawn on the host.
@@ -55,7 +71,7 @@ def draw_rows(
     of ``bucket`` (or ``n``), and by one dropped sample when only one is kept: the branch never
     sees a batch of one, which BatchNorm rejects in training and torch.compile specializes.
     """
-    kept = torch.rand(n, generator=_host_generator(generator)) < keep
+    kept = draw_kept(n, keep, generator)
     idx = kept.nonzero().squeeze(1)
     run = idx
     k = idx.shape[0]
@@ -65,10 +81,7 @@ def draw_rows(
             run = torch.cat([idx, (~kept).nonzero().squeeze(1)[: size - k]])
     if device.type == "cpu":
         return idx, run
-    both = torch.cat([idx, run])
-    if device.type == "cuda":
-        both = both.pin_memory()
-    both = both.to(device, non_blocking=True)
+    both = to_device(torch.cat([idx, run]), device)
     return both[:k], both[k:]
 
 
@@ -106,13 +119,10 @@ def draw_mask(
         return True
     if spec.p == 1.0:
         return False
-    kept = torch.rand(n, generator=_host_generator(generator)) < 1.0 - spec.p
+    kept = draw_kept(n, 1.0 - spec.p, generator)
     k = int(kept.sum())
     if k == 0:
         return False
     if k == n:
         return True
-    mask = kept.to(torch.float32).mul_(spec.scale)
-    if device.type == "cuda":
-        mask = mask.pin_memory()
-    return mask.to(device, non_blocking=True)
+    return to_device(kept.to(torch.float32).mul_(spec.scale), device)
