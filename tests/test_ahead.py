@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 from conftest import binom_pvalue
-from droppath import DropRateScheduler, Residual, accelerate, draw_ahead, set_drop_rates
+from droppath import (
+    DropRateScheduler,
+    LayerDrop,
+    Residual,
+    accelerate,
+    draw_ahead,
+    layer_drop,
+    set_drop_rates,
+)
 from droppath._engine import DropSpec, predraw
 from stand_ins import TimmDropPath
 
@@ -313,3 +321,118 @@ def test_accelerated_model_compiles_to_one_graph_per_forward():
     assert backend.compiled == 1
     set_drop_rates(reference, 0.0, "uniform")
     assert torch.equal(reference(x, bias=bias), original(x, bias=bias))
+
+
+# Layer-drop sites (LayerDrop, and the layers layer_drop converts): a layer with a batch-shaped
+# side input that takes gradients, a broadcast one, and a tuple output.
+
+
+class _Layer(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x, gate, pos=None, use_cache=False):
+        h = x + torch.tanh(self.lin(x)) * gate + (0 if pos is None else pos)
+        return h, None
+
+
+class _Layers(nn.Module):
+    def __init__(self, depth=3, wrapped=False, p=0.5, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer() for _ in range(depth))
+        if wrapped:
+            self.layers = nn.ModuleList(LayerDrop(m, p, **kw) for m in self.layers)
+        else:
+            layer_drop(self, p, "uniform", **kw)
+
+    def forward(self, x, gate):
+        pos = torch.ones(1, x.shape[1], 1) * 0.1  # broadcast over the batch: passed as is
+        for layer in self.layers:
+            out = layer(x, gate, pos=pos)
+            # a host-side step that drops every sample before the layer ever ran cannot know
+            # its output's structure: it returns the hidden states alone
+            x = out if isinstance(out, torch.Tensor) else out[0]
+        return x
+
+
+def _layers_step(model, x, gate, seed):
+    x, gate = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = model(x, gate)
+    out.backward(torch.ones_like(out))
+    return out.detach(), x.grad, gate.grad
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["layer_drop", "LayerDrop"])
+@pytest.mark.parametrize(
+    ("p", "scale_by_keep"), [(0.0, True), (0.5, True), (0.5, False), (1.0, True)]
+)
+def test_layer_drop_sites_take_the_same_step(wrapped, p, scale_by_keep):
+    """Under the same random state, the decisions drawn ahead are the layers' own: the same
+    output (bitwise: a kept row is lerp(x, L(x), scale) in both), input, side-input and parameter
+    gradients."""
+    torch.manual_seed(0)
+    plain = _Layers(wrapped=wrapped, p=p, scale_by_keep=scale_by_keep)
+    ahead = copy.deepcopy(plain)
+    draw_ahead(ahead)
+    x, gate = torch.randn(12, 3, 16), torch.rand(12, 3, 1)
+    for seed in range(3):
+        out_a, *grads_a = _layers_step(plain, x, gate, seed)
+        out_b, *grads_b = _layers_step(ahead, x, gate, seed)
+        assert torch.equal(out_a, out_b)
+        for a, b in zip(grads_a, grads_b):  # at p = 1 the gate is unused (None) or gets zeros
+            torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b)
+    first = ahead.layers[0]
+    assert (first if wrapped else first.layer_drop)._ahead is not None  # the step drawn ahead
+    for a, b in zip(_grads(plain), _grads(ahead)):
+        torch.testing.assert_close(a, b)
+
+
+def test_layer_drop_compiles_to_one_graph_per_forward():
+    """Converted layers under a schedule, compiled: one graph call per forward, one graph
+    compiled, equal to the eager steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Layers(depth=6)
+    reference = copy.deepcopy(model)
+    draw_ahead(model)
+    draw_ahead(reference)
+    sched = DropRateScheduler(model, 0.5, depth_rule="linear", time_rule="warmup", warmup_steps=4)
+    backend = _Counting()
+    compiled = torch.compile(model, backend=backend)
+    x, gate = torch.randn(16, 3, 16), torch.rand(16, 3, 1)
+    for step in range(6):
+        backend.calls = 0
+        out, *grads = _layers_step(compiled, x, gate, step)
+        assert backend.calls == 1, (step, backend.calls)
+        set_drop_rates(reference, sched.get_last_p(), "model")
+        ref_out, *ref_grads = _layers_step(reference, x, gate, step)
+        torch.testing.assert_close(out, ref_out)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b)
+        sched.step()
+    assert backend.compiled == 1
+    assert len(set(sched.get_last_p())) > 1
+
+
+def test_layer_drop_with_a_cache_remove_and_pickle():
+    """A layer asked for a cache takes the host-side step (whole layer, a warning); remove()
+    clears the converted layers' decisions; pickles leave them out."""
+    model = _Layers()
+    handle = draw_ahead(model)
+    x, gate = torch.randn(8, 3, 16), torch.rand(8, 3, 1)
+    model(x, gate)
+    settings = model.layers[0].layer_drop
+    assert settings._ahead is not None and settings._ahead_rows is None  # drawn for x's batch
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        out = model.layers[0](x, gate, use_cache=True)[0]
+    assert settings._ahead_rows == (8, torch.device("cpu"))  # the host-side step ran
+    torch.testing.assert_close(out, model.layers[0].eval()(x, gate, use_cache=True)[0])
+    model.train()
+    loaded = pickle.loads(pickle.dumps(model))
+    assert loaded.layers[0].layer_drop._ahead is None
+    loaded(x, gate)  # its hook came along and draws again
+    assert loaded.layers[0].layer_drop._ahead is not None
+    handle.remove()
+    assert settings._ahead is None

@@ -17,16 +17,26 @@ import torch
 from torch import Tensor, nn
 
 from droppath._checks import check_input
-from droppath._engine import DropSpec, Subset, eager, gather, host_side, skip_add
+from droppath._engine import (
+    Drawn,
+    DropSpec,
+    Subset,
+    ahead_put,
+    ahead_rows,
+    eager,
+    gather,
+    host_side,
+    skip_add,
+)
 
-__all__ = ["LayerCall", "drop_layer", "passthrough"]
+__all__ = ["LayerCall", "ahead_layer", "cache_passed", "drop_layer", "passthrough"]
 
 # The keyword arguments that hand a layer a key/value cache, in Hugging Face's current and
 # earlier releases.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+def cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     """Whether the call hands the layer a key/value cache, or asks it for one (``use_cache``).
 
     The cache must then receive every sample's keys and values: a layer that ran on a subset
@@ -151,10 +161,32 @@ def drop_layer(call: LayerCall, spec: DropSpec, template: int | None) -> tuple[A
     """One training call of a layer-drop site with settings ``spec``: the layer's output, and the
     structure of its outputs (``template``, learnt from the last call that ran the layer)."""
     check_input(call.x, spec.batch_dim, "hidden_states")
-    if spec.p > 0.0 and _cache_passed(call.args, call.kwargs):
+    if spec.p > 0.0 and cache_passed(call.args, call.kwargs):
         warnings.warn(_CACHE_WARNING, UserWarning, stacklevel=1)
         spec = replace(spec, p=0.0)
     hidden = skip_add(call.x, call, spec, combine=_LERP)
     if call.out is None:  # every sample dropped: the layer never ran
         return passthrough(hidden, template), template
     return _with_hidden(call.out, hidden), _template(call.out)
+
+
+def ahead_layer(call: LayerCall, drawn: Drawn, dim: int) -> tuple[Any, int]:
+    """A training call of a layer-drop site under decisions drawn ahead (``droppath.draw_ahead``):
+    the layer's output and the structure of its outputs, as ``drop_layer`` returns them.
+
+    Traceable: the layer runs on ``drawn.run``'s rows, its batch-shaped arguments gathered at
+    them, and a kept row becomes ``lerp(x, L(x), scale)`` (a gather, forward and backward), so
+    that under torch.compile the step is part of the model's graph. The caller checks first
+    that no key/value cache is passed (``cache_passed``), which takes the host-side step."""
+    n = call.x.shape[dim]
+    args = gather(call.args, drawn.run, n, dim, mark=False)
+    kwargs = gather(call.kwargs, drawn.run, n, dim, mark=False)
+    rows = ahead_rows(call.x, drawn, dim)
+    out = call.fn(rows, *args, **kwargs)
+    hidden = _hidden(out)
+    if hidden.shape != rows.shape:
+        raise ValueError(
+            f"layer output must have the shape of its input, got {tuple(hidden.shape)} for "
+            f"an input of shape {tuple(rows.shape)}"
+        )
+    return _with_hidden(out, ahead_put(call.x, hidden, drawn, dim, lerp=True)), _template(out)

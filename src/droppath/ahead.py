@@ -4,13 +4,13 @@ compiled with ``torch.compile`` runs its training step as one graph.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from droppath._engine import Drawn, DropBase, eager, masks, predraw
+from droppath._engine import Drawn, DropBase, DropSpec, eager, masks, predraw
 from droppath.acceleration import (
     accelerated_blocks,
     block_sites,
@@ -18,6 +18,7 @@ from droppath.acceleration import (
     set_ahead,
     unchecked,
 )
+from droppath.layerdrop import layer_drop_holders
 from droppath.residual import Residual
 
 __all__ = ["AheadHandle", "draw_ahead"]
@@ -25,7 +26,8 @@ __all__ = ["AheadHandle", "draw_ahead"]
 
 def draw_ahead(model: nn.Module, *, generator: torch.Generator | None = None) -> AheadHandle:
     """Draw the keep decisions of ``model``'s row-mode sites before each forward: its
-    ``Residual`` blocks and the blocks that ``accelerate`` rewrote.
+    ``Residual`` blocks, the blocks that ``accelerate`` rewrote, and its layer-drop sites
+    (``LayerDrop``, the layers that ``layer_drop`` converted).
 
     Without it, under ``torch.compile``, each site that skips rows draws its decisions on the
     host when it runs: one graph break per site and forward. With it, a forward pre-hook on
@@ -46,7 +48,8 @@ def draw_ahead(model: nn.Module, *, generator: torch.Generator | None = None) ->
     drawn inside the graph already), are left as they are; an accelerated site pinned to the
     mask runs every row, weighted by its decision. A site with ``strategy="auto"`` takes the
     row subset: in one graph, the mask's alternative would run every row through the same
-    gathers. The sites are those in ``model`` now. Where the step keeps no row, two rows run
+    gathers. A layer-drop site handed a key/value cache takes its host-side step (it runs for
+    every sample). The sites are those in ``model`` now. Where the step keeps no row, two rows run
     with weight 0: the branch's parameters get zero gradients, as DDP wants.
 
     Args:
@@ -76,19 +79,36 @@ def draw_ahead(model: nn.Module, *, generator: torch.Generator | None = None) ->
     ):
         raise ValueError(f"generator must be a CPU torch.Generator or None, got {generator!r}")
     blocks = accelerated_blocks(model)
-    sites: list[DropBase] = [m for m in model.modules() if isinstance(m, Residual)]
-    sites += [s for b in blocks for s in block_sites(b) if isinstance(s, DropBase)]
+    sites: list[tuple[nn.Module, _Holder]] = [
+        (m, m) for m in model.modules() if isinstance(m, Residual)
+    ]
+    sites += [(s, s) for b in blocks for s in block_sites(b) if isinstance(s, DropBase)]
+    sites += layer_drop_holders(model)
     for block in blocks:
         set_ahead(block, True)
     hook = _DrawHook(sites, blocks, generator)
     return AheadHandle(model.register_forward_pre_hook(hook, with_kwargs=True), hook)
 
 
+class _Holder(Protocol):
+    """What holds a site's settings and the decisions drawn for it: the site (a ``DropBase``),
+    or a converted layer's layer-drop settings."""
+
+    @property
+    def spec(self) -> DropSpec: ...
+
+    _ahead: Drawn | None
+    _ahead_rows: tuple[int, torch.device] | None
+
+
 class _DrawHook:
     """The forward pre-hook: a picklable object, so a model that holds it pickles."""
 
     def __init__(
-        self, sites: list[DropBase], blocks: list[nn.Module], generator: torch.Generator | None
+        self,
+        sites: list[tuple[nn.Module, _Holder]],
+        blocks: list[nn.Module],
+        generator: torch.Generator | None,
     ) -> None:
         self.sites, self.blocks, self.generator = sites, blocks, generator
 
@@ -106,8 +126,8 @@ class AheadHandle:
 
     def remove(self) -> None:
         self._handle.remove()
-        for site in self._hook.sites:
-            site._ahead = None
+        for _, holder in self._hook.sites:
+            holder._ahead = None
         for block in self._hook.blocks:
             set_ahead(block, False)
 
@@ -123,8 +143,8 @@ def _draw(model: nn.Module, hook: _DrawHook, args: Any, kwargs: dict[str, Any]) 
     if model.training and any(unchecked(b) for b in hook.blocks):
         _check_blocks(model, args, kwargs)
     first = _first_tensor((*args, *kwargs.values()))
-    for site in hook.sites:
-        site._ahead = _decisions(site, first, hook.generator)
+    for site, holder in hook.sites:
+        holder._ahead = _decisions(site, holder, first, hook.generator)
 
 
 def _check_blocks(model: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
@@ -153,20 +173,20 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 def _decisions(
-    site: DropBase, first: torch.Tensor | None, generator: torch.Generator | None
+    site: nn.Module, holder: _Holder, first: torch.Tensor | None, generator: torch.Generator | None
 ) -> Drawn | None:
     """A site's decisions for the coming forward, or None where it takes another step: drawn
     for the batch size and device of its last host-side step, or before its first for those of
     the model's first tensor argument along the site's ``batch_dim``. A ``Residual`` pinned to
     the mask draws its mask in the graph; another site pinned to it (an accelerated block's)
     gets the mask as decisions: every row run, each weighted."""
-    spec = site.spec
+    spec = holder.spec
     if not site.training or spec.mode != "row":
         return None
     masked = masks(spec.mode, spec.strategy)
     if masked and isinstance(site, Residual):
         return None
-    seen = site._ahead_rows
+    seen = holder._ahead_rows
     if seen is None:
         if first is None or first.dim() == 0:
             return None

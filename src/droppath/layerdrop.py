@@ -18,26 +18,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from droppath._checks import check_model
-from droppath._engine import DropBase, DropSpec, host_side
-from droppath._layer_step import LayerCall, drop_layer, passthrough
+from droppath._engine import Drawn, DropBase, DropSpec, fitting, host_side
+from droppath._layer_stack import STACK_PATHS, find_layer_stack, named_stack
+from droppath._layer_step import LayerCall, ahead_layer, cache_passed, drop_layer, passthrough
 from droppath._swap import swap_class
 from droppath.rates import DEFAULT_RULE, resolve_rates
 
-__all__ = ["LayerDrop", "SkippedLayer", "layer_drop"]
-
-# Where the layer stacks of common Hugging Face models live, tried in this order.
-STACK_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen, Gemma, Phi (the causal LM's inner model)
-    "layers",  # the inner model itself
-    "transformer.h",  # GPT-2, GPT-J, Bloom
-    "h",
-    "gpt_neox.layers",
-    "model.decoder.layers",  # OPT
-    "decoder.layers",
-)
+__all__ = ["STACK_PATHS", "LayerDrop", "SkippedLayer", "find_layer_stack", "layer_drop"]
 
 
 class _Setting:
@@ -57,14 +48,25 @@ class _Setting:
 @dataclass
 class LayerDropSettings:
     """The settings of a layer that ``layer_drop`` converted: ``spec``, and its fields as
-    attributes; ``template`` is learnt from the layer's output."""
+    attributes; ``template`` is learnt from the layer's output. ``_ahead`` and ``_ahead_rows``
+    are what ``droppath.draw_ahead`` keeps for the layer (see ``droppath._engine.DropBase``);
+    pickles leave them out."""
 
     spec: DropSpec = field(default_factory=DropSpec)
     template: int | None = None
+    _ahead: Drawn | None = field(default=None, repr=False, compare=False)
+    _ahead_rows: tuple[int, torch.device] | None = field(default=None, repr=False, compare=False)
     p = _Setting()
     mode = _Setting()
     batch_dim = _Setting()
     scale_by_keep = _Setting()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "template": self.template}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.spec, self.template = state["spec"], state["template"]
+        self._ahead = self._ahead_rows = None
 
 
 class LayerDrop(DropBase):
@@ -148,6 +150,11 @@ class LayerDrop(DropBase):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.training:
             return self.layer(x, *args, **kwargs)
+        dim = fitting(self._ahead, x, self.batch_dim)  # decisions drawn before the forward
+        if dim is not None and not cache_passed(args, kwargs):  # (draw_ahead): in the graph
+            call = LayerCall(self.layer, x, args, kwargs, owner=self.layer)
+            out, self._template = ahead_layer(call, self._ahead, dim)
+            return out
         return _module_step(self, x, args, kwargs)
 
 
@@ -155,8 +162,15 @@ class LayerDrop(DropBase):
 def _module_step(site: LayerDrop, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A training call of ``site``, its settings read on the host (see ``droppath.residual``)."""
     call = LayerCall(site.layer, x, args, kwargs, owner=site.layer)
+    site._ahead_rows = _rows_seen(x, site.spec)
     out, site._template = drop_layer(call, site.spec, site._template)
     return out
+
+
+def _rows_seen(x: Tensor, spec: DropSpec) -> tuple[int, torch.device] | None:
+    """The batch size and device of a host-side step's hidden states, which ``draw_ahead``
+    draws the next decisions for."""
+    return (x.shape[spec.batch_dim % x.dim()], x.device) if x.dim() else None
 
 
 class _LayerDropSite:
@@ -177,6 +191,13 @@ class _LayerDropSite:
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.training:
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        settings, drawn = self.layer_drop, self.layer_drop._ahead
+        dim = fitting(drawn, x, settings.spec.batch_dim)
+        if drawn is not None and dim is not None and not cache_passed(args, kwargs):
+            forward = super().forward  # type: ignore[misc]  # drawn ahead: in the graph
+            call = LayerCall(forward, x, args, kwargs, owner=self)  # type: ignore[arg-type]
+            out, settings.template = ahead_layer(call, drawn, dim)
+            return out
         return _site_step(self, x, args, kwargs)
 
 
@@ -188,8 +209,22 @@ def _site_step(
     forward = super(_LayerDropSite, site).forward  # type: ignore[misc]
     settings = site.layer_drop
     call = LayerCall(forward, x, args, kwargs, owner=site)  # type: ignore[arg-type]
+    settings._ahead_rows = _rows_seen(x, settings.spec)
     out, settings.template = drop_layer(call, settings.spec, settings.template)
     return out
+
+
+def layer_drop_holders(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """The layer-drop sites of ``model`` with what holds each one's settings and the decisions
+    ``droppath.draw_ahead`` draws for it (``spec``, ``_ahead``, ``_ahead_rows``): a ``LayerDrop``
+    itself, a converted layer's ``layer_drop`` settings."""
+    found: list[tuple[nn.Module, Any]] = []
+    for module in model.modules():
+        if isinstance(module, LayerDrop):
+            found.append((module, module))
+        elif isinstance(module, _LayerDropSite):
+            found.append((module, module.layer_drop))
+    return found
 
 
 def layer_drop_spec(module: nn.Module) -> DropSpec:
@@ -224,66 +259,6 @@ class SkippedLayer(nn.Module):
 def is_layer_drop_site(module: nn.Module) -> bool:
     """Whether ``module`` is a ``LayerDrop`` or a layer that ``layer_drop`` converted."""
     return isinstance(module, LayerDrop | _LayerDropSite)
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The layer stack of a Hugging Face model: the first of ``STACK_PATHS`` that is an
-    ``nn.ModuleList``, with its qualified name."""
-    for path in STACK_PATHS:
-        try:
-            stack = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(stack, nn.ModuleList) and len(stack) > 0:
-            return path, stack
-    raise ValueError(
-        f"layers must name the model's layer stack (an nn.ModuleList): none found at "
-        f"{', '.join(STACK_PATHS)} of this {type(model).__name__}"
-    )
-
-
-def _module_lists(model: nn.Module) -> str:
-    """The non-empty ``nn.ModuleList`` s of ``model`` by name, for an error message."""
-    names = [repr(n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    return f"its nn.ModuleLists are {shown}" if names else "it has no nn.ModuleList"
-
-
-def _named_stack(model: nn.Module, layers: Any) -> tuple[str, nn.ModuleList]:
-    """The stack ``layers`` names (or is), with its qualified name; errors name ``layers``."""
-    if layers is None:
-        return find_layer_stack(model)
-    if isinstance(layers, str):
-        try:
-            stack = model.get_submodule(layers)
-        except AttributeError:
-            raise ValueError(
-                f"layers must name a non-empty nn.ModuleList of the model, got {layers!r}, which "
-                f"names no submodule of this {type(model).__name__}; {_module_lists(model)}"
-            ) from None
-        name = layers
-    elif isinstance(layers, nn.Module):
-        stack = layers
-        found = next((n for n, m in model.named_modules() if m is layers), None)
-        if found is None:
-            raise ValueError(
-                f"layers must be a non-empty nn.ModuleList of the model, got a "
-                f"{type(layers).__name__} that is not part of this {type(model).__name__}; "
-                f"{_module_lists(model)}"
-            )
-        name = found
-    else:
-        raise TypeError(
-            f"layers must be None, a qualified name or an nn.ModuleList of the model, got "
-            f"{type(layers).__name__}"
-        )
-    if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
-        raise ValueError(
-            f"layers must be a non-empty nn.ModuleList of the model, got {name!r}, a "
-            f"{type(stack).__name__}{' of length 0' if isinstance(stack, nn.ModuleList) else ''}"
-            f"; {_module_lists(model)}"
-        )
-    return name, stack
 
 
 def layer_drop(
@@ -343,7 +318,7 @@ def layer_drop(
     """
     check_model(model, "layer_drop")
     checked = DropSpec(0.0, mode, batch_dim, scale_by_keep)  # before the stack is looked for
-    name, stack = _named_stack(model, layers)
+    name, stack = named_stack(model, layers)
     names = [f"{name}.{i}" if name else str(i) for i in range(len(stack))]
     profile = [layer.p if isinstance(layer, _LayerDropSite) else 0.0 for layer in stack]
     rates = resolve_rates(len(stack), p, rule, profile)

@@ -169,3 +169,45 @@ def build_default(name: str, p: float) -> torch.nn.Module:
     if library == "timm":
         return require("timm").create_model(model, pretrained=False, drop_path_rate=p)
     return build(name, p)
+
+
+# The language models of layer_drop's tests (Llama's and GPT-2's layer stacks).
+
+
+def tiny_llama(layers=4, seed=0, use_cache=False):
+    """A 4-layer Llama causal LM with random weights (seeded)."""
+    tf = require("transformers")
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        use_cache=use_cache,
+    )
+    return tf.LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2(seed=0, use_cache=False):
+    """A 3-layer GPT-2 LM without dropout, random weights (seeded)."""
+    tf = require("transformers")
+    torch.manual_seed(seed)
+    cfg = tf.GPT2Config(
+        vocab_size=128,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,  # no dropout: train mode is deterministic
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=use_cache,
+    )
+    return tf.GPT2LMHeadModel(cfg)

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from real_models import tiny_gpt2, tiny_llama
 
 from conftest import binom_pvalue, require, run_two_processes
 from droppath import DropRateScheduler, layer_drop, prune, set_drop_rates
@@ -12,43 +13,6 @@ from droppath import DropRateScheduler, layer_drop, prune, set_drop_rates
 
 # The models train with use_cache=False, as layer_drop's docs say: a layer handed a key/value cache
 # runs for every sample. The tests of that pass use_cache=True.
-def _llama(layers=4, seed=0, use_cache=False):
-    tf = require("transformers")
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        use_cache=use_cache,
-    )
-    return tf.LlamaForCausalLM(cfg)
-
-
-def _gpt2(seed=0, use_cache=False):
-    tf = require("transformers")
-    torch.manual_seed(seed)
-    cfg = tf.GPT2Config(
-        vocab_size=128,
-        n_embd=64,
-        n_layer=3,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        resid_pdrop=0.0,  # no dropout: train mode is deterministic
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        use_cache=use_cache,
-    )
-    return tf.GPT2LMHeadModel(cfg)
-
-
 def _pair(make):
     model, plain = make(), make()
     plain.load_state_dict(model.state_dict())
@@ -65,7 +29,7 @@ def _batch(n=8, t=12, left_pad=True):
     return ids, mask
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("left_pad", [False, True], ids=["no-padding", "left-padding"])
 def test_eval_bit_identical_and_p0_train_identical(make, left_pad):
     model, plain = _pair(make)
@@ -86,7 +50,7 @@ def test_eval_bit_identical_and_p0_train_identical(make, left_pad):
 
 
 def test_llama_keep_rate_per_layer():
-    model = _llama()
+    model = tiny_llama()
     layer_drop(model, 0.3, "uniform")
     seen = {i: [] for i in range(4)}
     for i, layer in enumerate(model.model.layers):
@@ -103,7 +67,7 @@ def test_llama_keep_rate_per_layer():
         assert binom_pvalue(ran, 15 * 32, 0.7) > 1e-4, (i, ran)
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_kept_rows_equal_the_layer_on_their_rows_with_left_padding(make):
     # Layer drop only on one layer, without rescaling: each row of the logits is either the plain
     # model's (its layer kept: run on the kept rows, with their masks and positions) or the model
@@ -139,7 +103,7 @@ class SkipStub(torch.nn.Module):
 
 
 def test_generate_after_training_matches_plain():
-    model, plain = _pair(_llama)
+    model, plain = _pair(tiny_llama)
     layer_drop(model, 0.5)
     ids, mask = _batch(n=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -155,14 +119,14 @@ def test_generate_after_training_matches_plain():
 
 def test_save_pretrained_reloads_into_a_plain_model(tmp_path):
     tf = require("transformers")
-    model = _llama()
+    model = tiny_llama()
     layer_drop(model, 0.3)
     model.save_pretrained(tmp_path)
     plain = tf.LlamaForCausalLM.from_pretrained(tmp_path)
     assert type(plain.model.layers[0]) is not type(model.model.layers[0])
     for (k, a), (k2, b) in zip(model.state_dict().items(), plain.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    again = _llama(seed=5)
+    again = tiny_llama(seed=5)
     layer_drop(again, 0.3)
     again.load_state_dict(plain.state_dict(), strict=True)
 
@@ -175,7 +139,7 @@ def _train_step_grads(model, ids, mask, seed):
 
 
 def test_gradient_checkpointing_replays_the_same_drops():
-    model = _llama()
+    model = tiny_llama()
     layer_drop(model, 0.5)
     model.train()
     ids, mask = _batch()
@@ -188,7 +152,7 @@ def test_gradient_checkpointing_replays_the_same_drops():
 
 
 def test_autocast_bf16_and_compile():
-    model = _llama()
+    model = tiny_llama()
     layer_drop(model, 0.5)
     model.train()
     ids, mask = _batch()
@@ -205,7 +169,7 @@ def test_autocast_bf16_and_compile():
 
 
 def test_schedules_and_prune_see_the_layers():
-    model = _llama()
+    model = tiny_llama()
     layer_drop(model, 0.4)
     sched = DropRateScheduler(model, 0.5, time_rule="pld", theta_bar=0.5, gamma=0.1)
     assert len(sched.sites) == 4 and sched.sites[0][0] == "model.layers.0"
@@ -228,7 +192,7 @@ def test_short_finetune_loss_decreases():
 
     text = codecs.decode(this.s, "rot13").encode("ascii", "ignore")
     data = torch.tensor(list(text)) % 128
-    model = _llama()
+    model = tiny_llama()
     layer_drop(model, 0.2)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -248,7 +212,7 @@ def _layers(model):
     return model.model.layers if hasattr(model, "model") else model.transformer.h
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_generate_in_train_mode_is_the_plain_models(make):
     model, plain = _pair(lambda: make(use_cache=True))
     layer_drop(model, 0.5)
@@ -260,7 +224,7 @@ def test_generate_in_train_mode_is_the_plain_models(make):
     assert torch.equal(got, plain.generate(ids, **kw))
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_a_training_forward_with_a_cache_fills_it_for_the_whole_batch(make):
     model = make(use_cache=True)
     layer_drop(model, 0.9, "uniform")
@@ -332,7 +296,7 @@ def test_prune_then_save_pretrained_reloads_the_pruned_model(tmp_path, arch):
 
 
 def test_layer_names_are_checked_on_a_real_model():
-    model = _llama()
+    model = tiny_llama()
     with pytest.raises(
         ValueError,
         match=r"got 'model.nope', which names no submodule of this LlamaForCausalLM; its "
@@ -354,7 +318,7 @@ def _ddp_worker(rank, world, port, mode, result_dir):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = _llama()
+        model = tiny_llama()
         layer_drop(model, 0.5, mode=mode)
         torch.manual_seed(0)
         wrapped = DistributedDataParallel(model)
@@ -380,4 +344,4 @@ def test_ddp_two_processes(tmp_path, mode):
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
-    assert any(not torch.equal(s0[k], v) for k, v in _llama().state_dict().items())
+    assert any(not torch.equal(s0[k], v) for k, v in tiny_llama().state_dict().items())

@@ -132,12 +132,19 @@ class _Take(torch.autograd.Function):
 
 class _Put(torch.autograd.Function):
     """The branch output of the rows run, weighted, at the rows they ran for, 0 elsewhere;
-    plus ``base`` when there is one."""
+    plus ``base`` when there is one. With ``lerp`` (a layer's output, not a branch's): at a
+    kept row ``lerp(base, out, scale)``, exactly ``out`` at scale 1; at a dropped row ``base``."""
 
     @staticmethod
-    def forward(ctx: Any, base: Tensor | None, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
+    def forward(
+        ctx: Any, base: Tensor | None, out: Tensor, drawn: Drawn, dim: int, lerp: bool
+    ) -> Tensor:
         ctx.save_for_backward(drawn.run, drawn.rows)
-        ctx.dim, ctx.has_base = dim, base is not None
+        ctx.dim, ctx.has_base, ctx.lerp = dim, base is not None, lerp
+        if lerp and base is not None:
+            rows = _along(drawn.rows, dim, out.dim())
+            picked = out.index_select(dim, drawn.where)
+            return torch.where(rows > 0, torch.lerp(base, picked, rows.to(out.dtype)), base)
         spread = _spread(out, drawn, dim)
         return spread if base is None else base + spread
 
@@ -146,7 +153,11 @@ class _Put(torch.autograd.Function):
         run, rows = ctx.saved_tensors
         weights = _along(rows.index_select(0, run), ctx.dim, grad.dim())
         grad_out = grad.index_select(ctx.dim, run) * weights.to(grad.dtype)
-        return grad if ctx.has_base else None, grad_out, None, None
+        grad_base = grad if ctx.has_base else None
+        if ctx.lerp and grad_base is not None:  # d lerp(b, o, w) / db = 1 - w at a kept row
+            along = _along(rows, ctx.dim, grad.dim()).to(grad.dtype)
+            grad_base = grad * torch.where(along > 0, 1 - along, 1)
+        return grad_base, grad_out, None, None, None
 
 
 def ahead_rows(x: Tensor, drawn: Drawn, dim: int) -> Tensor:
@@ -156,15 +167,26 @@ def ahead_rows(x: Tensor, drawn: Drawn, dim: int) -> Tensor:
 
 
 def ahead_put(
-    base: Tensor | None, out: Tensor, drawn: Drawn, dim: int, *, branch_layout: bool = False
+    base: Tensor | None,
+    out: Tensor,
+    drawn: Drawn,
+    dim: int,
+    *,
+    branch_layout: bool = False,
+    lerp: bool = False,
 ) -> Tensor:
     """``base`` (zeros without one) plus ``out``, the branch output of ``drawn.run``'s rows,
     weighted, at those rows: a gather, forward and backward. The result is in ``base``'s
     memory format, or with ``branch_layout`` in ``out``'s when that is channels_last (as
-    ``out + base`` gives)."""
-    if base is not None:
+    ``out + base`` gives). With ``lerp``, ``out`` is a whole layer's output, and a kept row
+    becomes ``lerp(base, out, scale)`` in ``out``'s dtype (layer drop's combination)."""
+    if lerp:
+        if base is None:
+            raise ValueError("lerp needs a base: the layer's input")
+        base = base.to(out.dtype)
+    elif base is not None:
         base, out = promoted(base, out)
-    y: Tensor = _Put.apply(base, out, drawn, dim)  # type: ignore[no-untyped-call]
+    y: Tensor = _Put.apply(base, out, drawn, dim, lerp)  # type: ignore[no-untyped-call]
     ref = out if branch_layout or base is None else base
     if is_channels_last(ref) and not is_channels_last(y):
         y = y.contiguous(memory_format=torch.channels_last)
