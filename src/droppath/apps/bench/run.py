@@ -52,7 +52,7 @@ def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
     if cfg.channels_last or (cfg.kind == "conv" and dev.type == "cuda"):  # cuDNN's fast layout
         base = base.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
-    order = variants(cfg.mode or "row", cfg.bucket, cfg.kind)
+    order = variants(cfg.mode or "row", cfg.bucket, cfg.kind, compiled=cfg.compile)
     rates = _rates(cfg, base)
     models = {v.label: variant_model(base, v, rates).train() for v in order}
     if cfg.compile:
