@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from droppath import DropPath, Residual, accelerate
 from droppath._engine import AutoChoice, DropSpec, skip_add
-from droppath._engine.cost import BACKWARD_FACTOR, TIMED_CALLS
+from droppath._engine.cost import BACKWARD_FACTOR, TIMED_CALLS, _Measure
 
 N = 64
 
@@ -97,6 +97,30 @@ def test_choice_is_a_comparison_of_the_two_costs():
     assert auto.state == "mask"
     auto.update(threshold * 1.1)
     assert auto.state == "subset"
+
+
+def test_a_noisy_negative_extra_cost_counts_as_none_and_rate_0_takes_the_mask():
+    """Two timings of a few microseconds can make the subset's extra cost come out below 0;
+    it is read as 0, so a site at rate 0 (nothing to save) takes the mask."""
+    auto = AutoChoice()
+    auto.calls = 10
+    auto.clocks = [(_Done(1e-4), 32)] * 3  # the branch: timed three times
+    auto.extra = _Measure([(_Done(1e-6), _Done(2e-6))])  # subset 1 us, mask 2 us
+    with torch.enable_grad():
+        auto.begin(torch.randn(32, 8, requires_grad=True), 0, 0.0)
+    assert auto.extra == 0.0 and auto.state == "mask"
+    auto.update(0.1)
+    assert auto.state == "subset"
+
+
+class _Done:
+    """A clock that has finished: ``seconds()`` is its interval."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def seconds(self):
+        return self.value
 
 
 def test_pinned_strategies_never_measure():

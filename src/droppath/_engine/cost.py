@@ -218,8 +218,8 @@ class AutoChoice:
                 self.extra = _extra_cost(x, dim, kept)
             if isinstance(self.extra, _Measure):
                 extra = self.extra.seconds()
-                if extra is not None:
-                    self.extra = extra
+                if extra is not None:  # below 0 only by the noise of a measurement
+                    self.extra = max(extra, 0.0)
                     self.update(p)
             return None
         if self.calls > 1 and len(self.clocks) < TIMED_CALLS:
