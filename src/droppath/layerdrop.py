@@ -91,9 +91,12 @@ class LayerDrop(DropBase):
     on, so pass ``use_cache=False`` in training (or set ``model.config.use_cache = False``;
     ``generate`` keeps its cache); a layer that runs whole for a cache in training warns.
     Draws are made on the host, as ``droppath.Residual`` makes them (no device
-    synchronization, replayed by checkpointing), and skipped parameters get zero gradients in a
-    distributed run. Other outputs of a tuple (attention weights, say) come from the kept samples
-    only; a step that drops every sample returns ``None`` for them.
+    synchronization, replayed by checkpointing), when the layer runs or, under
+    ``droppath.draw_ahead``, before the model's forward (one graph under ``torch.compile``), and
+    skipped parameters get zero gradients in a distributed run. Other outputs of a tuple
+    (attention weights, say) come from the kept samples only; a step that drops every sample
+    returns ``None`` for them, or, before the layer has ever run in training, the hidden states
+    alone (it cannot know the tuple yet; under ``draw_ahead`` the layer always runs).
 
     Args:
         layer: the layer, stored as ``self.layer``.
