@@ -21,7 +21,7 @@ from droppath._engine import (
     Drawn,
     DropSpec,
     Subset,
-    ahead_put,
+    ahead_lerp,
     ahead_rows,
     eager,
     gather,
@@ -127,6 +127,15 @@ class LayerCall:
         return self
 
 
+def _check_shape(out: Tensor, inputs: Tensor) -> None:
+    """A layer's hidden states must come back in the shape they went in."""
+    if out.shape != inputs.shape:
+        raise ValueError(
+            f"layer output must have the shape of its input, got {tuple(out.shape)} for "
+            f"an input of shape {tuple(inputs.shape)}"
+        )
+
+
 class _Lerp:
     """Layer drop's combination: a kept row becomes ``x + scale * (L(x) - x)``, computed as
     ``lerp``, which gives exactly ``L(x)`` when ``scale`` is 1 (its end point at weight 1)."""
@@ -140,11 +149,7 @@ class _Lerp:
         k, dim, inputs = rows.idx.shape[0], rows.dim, rows.inputs
         if out.shape[dim] > k:  # rows run only to avoid a batch of one
             out, inputs = out.narrow(dim, 0, k), inputs.narrow(dim, 0, k)
-        if out.shape != inputs.shape:
-            raise ValueError(
-                f"layer output must have the shape of its input, got {tuple(out.shape)} for "
-                f"an input of shape {tuple(inputs.shape)}"
-            )
+        _check_shape(out, inputs)
         new = torch.lerp(inputs.to(out.dtype), out, scale) if scale != 1.0 else out
         return base.to(new.dtype).index_copy(dim, rows.idx, new)
 
@@ -184,9 +189,5 @@ def ahead_layer(call: LayerCall, drawn: Drawn, dim: int) -> tuple[Any, int]:
     rows = ahead_rows(call.x, drawn, dim)
     out = call.fn(rows, *args, **kwargs)
     hidden = _hidden(out)
-    if hidden.shape != rows.shape:
-        raise ValueError(
-            f"layer output must have the shape of its input, got {tuple(hidden.shape)} for "
-            f"an input of shape {tuple(rows.shape)}"
-        )
-    return _with_hidden(out, ahead_put(call.x, hidden, drawn, dim, lerp=True)), _template(out)
+    _check_shape(hidden, rows)
+    return _with_hidden(out, ahead_lerp(call.x, hidden, drawn, dim)), _template(out)

@@ -18,7 +18,15 @@ The entry points (``droppath.residual``, ``droppath.layerdrop``, ``droppath.drop
 built), and call the step, which checks nothing again.
 """
 
-from droppath._engine.ahead import Drawn, ahead_add, ahead_put, ahead_rows, fitting, predraw
+from droppath._engine.ahead import (
+    Drawn,
+    ahead_add,
+    ahead_lerp,
+    ahead_put,
+    ahead_rows,
+    fitting,
+    predraw,
+)
 from droppath._engine.cost import AutoChoice
 from droppath._engine.draws import draw, draw_gate, draw_rows
 from droppath._engine.ops import (
@@ -46,6 +54,7 @@ __all__ = [
     "Subset",
     "Sum",
     "ahead_add",
+    "ahead_lerp",
     "ahead_put",
     "ahead_rows",
     "draw",

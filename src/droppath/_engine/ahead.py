@@ -141,7 +141,7 @@ class _Put(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(drawn.run, drawn.rows)
         ctx.dim, ctx.has_base, ctx.lerp = dim, base is not None, lerp
-        if lerp and base is not None:
+        if lerp and base is not None:  # ahead_lerp
             rows = _along(drawn.rows, dim, out.dim())
             picked = out.index_select(dim, drawn.where)
             return torch.where(rows > 0, torch.lerp(base, picked, rows.to(out.dtype)), base)
@@ -167,29 +167,27 @@ def ahead_rows(x: Tensor, drawn: Drawn, dim: int) -> Tensor:
 
 
 def ahead_put(
-    base: Tensor | None,
-    out: Tensor,
-    drawn: Drawn,
-    dim: int,
-    *,
-    branch_layout: bool = False,
-    lerp: bool = False,
+    base: Tensor | None, out: Tensor, drawn: Drawn, dim: int, *, branch_layout: bool = False
 ) -> Tensor:
     """``base`` (zeros without one) plus ``out``, the branch output of ``drawn.run``'s rows,
     weighted, at those rows: a gather, forward and backward. The result is in ``base``'s
     memory format, or with ``branch_layout`` in ``out``'s when that is channels_last (as
-    ``out + base`` gives). With ``lerp``, ``out`` is a whole layer's output, and a kept row
-    becomes ``lerp(base, out, scale)`` in ``out``'s dtype (layer drop's combination)."""
-    if lerp:
-        if base is None:
-            raise ValueError("lerp needs a base: the layer's input")
-        base = base.to(out.dtype)
-    elif base is not None:
+    ``out + base`` gives)."""
+    if base is not None:
         base, out = promoted(base, out)
-    y: Tensor = _Put.apply(base, out, drawn, dim, lerp)  # type: ignore[no-untyped-call]
+    y: Tensor = _Put.apply(base, out, drawn, dim, False)  # type: ignore[no-untyped-call]
     ref = out if branch_layout or base is None else base
     if is_channels_last(ref) and not is_channels_last(y):
         y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def ahead_lerp(x: Tensor, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
+    """Layer drop's combination under ``drawn``: ``out`` is a whole layer's output on
+    ``drawn.run``'s rows, and a kept row of ``x`` becomes ``lerp(x, out, scale)`` (exactly
+    ``out`` at scale 1), a dropped one stays ``x``; in ``out``'s dtype, a gather forward and
+    backward."""
+    y: Tensor = _Put.apply(x.to(out.dtype), out, drawn, dim, True)  # type: ignore[no-untyped-call]
     return y
 
 
