@@ -118,9 +118,9 @@ def steps(monkeypatch):
     seen = []
     draw = step_module.draw
 
-    def recording(spec, n, device, generator=None):
+    def recording(spec, n, device, generator=None, *, branch=None):
         seen.append(spec)
-        return draw(spec, n, device, generator)
+        return draw(spec, n, device, generator, branch=branch)
 
     monkeypatch.setattr(step_module, "draw", recording)
     return seen

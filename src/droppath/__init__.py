@@ -18,6 +18,7 @@ _EXPORTS = {
     "accelerate": "droppath.acceleration",
     "draw_ahead": "droppath.ahead",
     "DropPath": "droppath.drop",
+    "DropPathWarning": "droppath._warn",
     "drop_path": "droppath.drop",
     "LayerDrop": "droppath.layerdrop",
     "SkippedLayer": "droppath.layerdrop",
@@ -30,11 +31,14 @@ _EXPORTS = {
     "drop_path_sites": "droppath.sites",
     "set_drop_rates": "droppath.sites",
     "prune": "droppath.pruning",
+    "get_rng_state": "droppath._engine.ranks",
+    "set_rng_state": "droppath._engine.ranks",
 }
 
 __all__ = [
     "AccelerationReport",
     "DropPath",
+    "DropPathWarning",
     "DropRateScheduler",
     "LayerDrop",
     "Residual",
@@ -48,12 +52,16 @@ __all__ = [
     "drop_add_residual",
     "drop_path",
     "drop_path_sites",
+    "get_rng_state",
     "layer_drop",
     "prune",
     "set_drop_rates",
+    "set_rng_state",
 ]
 
 if TYPE_CHECKING:
+    from droppath._engine.ranks import get_rng_state, set_rng_state
+    from droppath._warn import DropPathWarning
     from droppath.acceleration import accelerate
     from droppath.ahead import draw_ahead
     from droppath.drop import DropPath, drop_path

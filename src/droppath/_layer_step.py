@@ -8,7 +8,6 @@ when ``scale`` is 1. A layer handed a key/value cache runs for every sample.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -28,6 +27,7 @@ from droppath._engine import (
     host_side,
     skip_add,
 )
+from droppath._warn import warn
 
 __all__ = ["LayerCall", "ahead_layer", "cache_passed", "drop_layer", "passthrough"]
 
@@ -118,6 +118,10 @@ class LayerCall:
         """The layer's parameters, which get zero gradients under DDP when it is skipped."""
         return self.owner.parameters()
 
+    def modules(self) -> Iterator[nn.Module]:
+        """The layer's modules (a layer that communicates must run on every rank)."""
+        return self.owner.modules()
+
     @eager
     def at_rows(self, run: Tensor, dim: int) -> LayerCall:
         """This call for the rows ``run`` of the batch: every batch-shaped argument gathered."""
@@ -167,7 +171,7 @@ def drop_layer(call: LayerCall, spec: DropSpec, template: int | None) -> tuple[A
     structure of its outputs (``template``, learnt from the last call that ran the layer)."""
     check_input(call.x, spec.batch_dim, "hidden_states")
     if spec.p > 0.0 and cache_passed(call.args, call.kwargs):
-        warnings.warn(_CACHE_WARNING, UserWarning, stacklevel=1)
+        warn(_CACHE_WARNING)
         spec = replace(spec, p=0.0)
     hidden = skip_add(call.x, call, spec, combine=_LERP)
     if call.out is None:  # every sample dropped: the layer never ran

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Namespace", "mixed_class", "own_class", "swap_class"]
+__all__ = ["Namespace", "mixed_class", "own_class", "swap_class", "unswap_class"]
 
 # More class attributes for the made class: ``namespace(cls, key)``, a module-level function
 # (pickled by reference).
@@ -46,13 +46,43 @@ def mixed_class(
     return made
 
 
+def _made(cls: type, mixin: type) -> type | None:
+    """The class in ``cls``'s MRO that ``mixed_class`` made with ``mixin``, if any.
+
+    It is ``cls`` itself after ``swap_class``; a wrapper that subclasses the module's class
+    afterwards (FSDP2's ``fully_shard``, a user's subclass) puts it further up.
+    """
+    for klass in cls.__mro__:
+        made = klass.__dict__.get(_MADE)
+        if made is not None and made[0] is mixin:
+            return klass
+    return None
+
+
 def own_class(module: nn.Module, mixin: type) -> type:
     """The class of ``module`` under ``mixin``, if ``swap_class`` mixed it in, else its
-    class."""
-    cls = type(module)
-    made = cls.__dict__.get(_MADE)
-    own: type = made[1] if made is not None and made[0] is mixin else cls
+    class. A class that subclasses the mixed class (a wrapper's) is looked through."""
+    made = _made(type(module), mixin)
+    own: type = made.__dict__[_MADE][1] if made is not None else type(module)
     return own
+
+
+_REBASED: dict[tuple[type, type, type], type] = {}
+
+
+def _rebased(cls: type, old: type, new: type) -> type:
+    """``cls`` with ``old`` replaced by ``new`` among its bases, at any depth: the same name,
+    namespace and other bases (a wrapper class made over ``old``, made again over ``new``)."""
+    if cls is old:
+        return new
+    key = (cls, old, new)
+    made = _REBASED.get(key)
+    if made is None:
+        bases = tuple(_rebased(b, old, new) if issubclass(b, old) else b for b in cls.__bases__)
+        attrs = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        made = type(cls)(cls.__name__, bases, attrs)
+        _REBASED[key] = made
+    return made
 
 
 def swap_class(
@@ -76,9 +106,24 @@ def swap_class(
         >>> type(copy.deepcopy(lin)) is cls and swap_class(nn.Linear(3, 3), Loud) is cls
         True
     """
+    cls = type(module)
+    old = _made(cls, mixin)
     made = mixed_class(mixin, own_class(module, mixin), key, namespace=namespace)
-    module.__class__ = made
+    if old is None:  # the module's class, or a wrapper's over it (FSDP2's): mixed in there
+        module.__class__ = made
+    else:  # mixed before: the new mixed class takes the old one's place under any wrapper
+        module.__class__ = _rebased(cls, old, made)
     return made
+
+
+def unswap_class(module: nn.Module, mixin: type) -> type:
+    """Undo ``swap_class``: ``module`` back to its own class, under any wrapper class made over
+    the mixed one (FSDP2's). Returns the new class."""
+    cls = type(module)
+    old = _made(cls, mixin)
+    if old is not None:
+        module.__class__ = _rebased(cls, old, old.__dict__[_MADE][1])
+    return type(module)
 
 
 def _reduce_ex(self: Any, protocol: Any) -> Any:

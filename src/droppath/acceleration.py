@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +13,8 @@ from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive, veri
 from droppath._derive.ops import GATHER
 from droppath._engine import DropBase, host_side
 from droppath._fx import is_proxy
-from droppath._swap import own_class, swap_class
+from droppath._swap import own_class, swap_class, unswap_class
+from droppath._warn import warn
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site, layer_drop_spec
 from droppath.rates import DEFAULT_RULE, DEPTH_RULES
@@ -125,10 +125,9 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             return original(block, *args, **kwargs)
         if reason:
             state[_FAILED] = reason
-            warnings.warn(
+            warn(
                 f"droppath.accelerate: {_key(_base(block))} stays on the mask ("
-                f"{reason.splitlines()[0]})",
-                stacklevel=2,
+                f"{reason.splitlines()[0]})"
             )
             return original(block, *args, **kwargs)
         state[_VERIFIED] = True
@@ -367,7 +366,7 @@ def accelerate(
             adapter, reason = _plan(block, attrs, batchnorm)
         cls, before = _base(block), type(block)
         if adapter is None:
-            block.__class__ = cls
+            unswap_class(block, _AcceleratedBlock)
         else:
             swap_class(block, _AcceleratedBlock, tuple(sorted(attrs)), namespace=_namespace)
         if type(block) is not before:  # a check made under another class holds no more

@@ -74,6 +74,10 @@ class _Gathered:
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.block.parameters()
 
+    def modules(self) -> Iterator[nn.Module]:
+        """The block's modules (a branch that communicates must run on every rank)."""
+        return self.block.modules()
+
     def at_rows(self, run: Tensor, dim: int) -> _Gathered:
         return _at_rows(self, run, dim)
 
@@ -239,7 +243,7 @@ def _rows(drop: Any, block: nn.Module, site: str, branch: _Gathered) -> Tensor:
     dim = spec.batch_dim % ref.dim()
     n = int(ref.shape[dim])
     drop._ahead_rows = (n, ref.device)  # what droppath.draw_ahead draws for
-    kept = draw(spec, n, ref.device)
+    kept = draw(spec, n, ref.device, branch=branch)
     if kept is True:
         return _remember(block, site, ref, dim, branch(None)) * spec.scale
     if kept is False:

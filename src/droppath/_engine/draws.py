@@ -1,15 +1,20 @@
 """The random decisions of a skipping step, drawn on the host.
 
 Decisions are drawn from the CPU generator (``generator`` when it is a CPU generator, else the
-global one): no device synchronization, identical decisions in processes seeded alike, and exact
-replay under ``torch.utils.checkpoint``, which restores the CPU random state for recomputation.
+global one): no device synchronization and exact replay under ``torch.utils.checkpoint``, which
+restores the CPU random state for recomputation. In a process group of more than one rank, row
+decisions are independent across ranks and batch-mode gates identical, whatever the ranks were
+seeded with (``droppath._engine.ranks``). ``draw_kept`` and ``draw_gate`` are the only two draws.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from droppath._engine import ranks
 from droppath._engine.ops import eager
 from droppath._engine.spec import DropSpec
 
@@ -27,8 +32,13 @@ def _host_generator(generator: torch.Generator | None) -> torch.Generator | None
 
 def draw_kept(n: int, keep: float, generator: torch.Generator | None = None) -> Tensor:
     """An independent Bernoulli(``keep``) decision per row of ``n``, on the host: the one draw
-    behind ``draw_rows``, ``draw_mask`` and the decisions drawn ahead (``predraw``)."""
-    return torch.rand(n, generator=_host_generator(generator)) < keep
+    behind ``draw_rows``, ``draw_mask`` and the decisions drawn ahead (``predraw``). In a process
+    group, this rank's own (``droppath._engine.ranks.rows``)."""
+    source = _host_generator(generator)
+    group = ranks.group()
+    if group is not None:
+        return ranks.rows(n, keep, group[0], source)
+    return torch.rand(n, generator=source) < keep
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -45,10 +55,14 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 def draw_gate(keep: float, *, generator: torch.Generator | None = None) -> bool:
     """One Bernoulli(keep) decision for batch mode, drawn on the host.
 
-    The draw never waits for an accelerator and agrees across processes seeded alike (no
-    collective).
+    The draw never waits for an accelerator; in a process group it is the same on every rank,
+    however the ranks were seeded, with no collective (``droppath._engine.ranks.gate``).
     """
-    return bool(torch.rand((), generator=_host_generator(generator)) < keep)
+    source = _host_generator(generator)
+    group = ranks.group()
+    if group is not None:
+        return ranks.gate(keep, group[0], source)
+    return bool(torch.rand((), generator=source) < keep)
 
 
 @eager
@@ -85,12 +99,28 @@ def draw_rows(
     return both[:k], both[k:]
 
 
+def must_call(branch: Any) -> bool:
+    """Whether a step must call ``branch`` even where it keeps no sample of this rank: in a
+    process group, a branch that communicates (``droppath._engine.ranks.communicates``)."""
+    return ranks.group() is not None and ranks.communicates(branch)
+
+
 @eager
 def draw(
-    spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
+    spec: DropSpec,
+    n: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    *,
+    branch: Any = None,
 ) -> Kept:
     """What a training step of ``spec`` keeps of ``n`` samples: True (all of them), False (none),
-    or ``(kept, run)`` from ``draw_rows``. A rate of 0 or 1 draws nothing."""
+    or ``(kept, run)`` from ``draw_rows``. A rate of 0 or 1 draws nothing.
+
+    In row mode, where this rank keeps none of its samples but ``branch`` must be called all the
+    same (``must_call``), the result is ``(no rows, fillers)``: the branch runs on filler rows
+    weighted 0, in step with the other ranks' collectives. Batch-mode gates agree across ranks,
+    so a dropped gate is skipped on every rank alike."""
     if spec.p == 0.0:
         return True
     if spec.p == 1.0:
@@ -101,27 +131,39 @@ def draw(
     idx, run = draw_rows(n, keep, device, generator=generator, bucket=spec.bucket)
     k = idx.shape[0]
     if k == 0:
-        return False
+        return _fillers(idx, n, device) if n > 0 and must_call(branch) else False
     if k == n:
         return True
     return idx, run
 
 
+def _fillers(idx: Tensor, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(idx, fillers)`` for a draw that kept none of ``n`` rows: the first two rows (one where
+    there is one) to run, weighted 0, since no row is kept."""
+    return idx, to_device(torch.arange(min(2, n)), device)
+
+
 @eager
 def draw_mask(
-    spec: DropSpec, n: int, device: torch.device, generator: torch.Generator | None = None
+    spec: DropSpec,
+    n: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    *,
+    branch: Any = None,
 ) -> bool | Tensor:
     """``draw``'s decisions as a mask: True (every row kept), False (none), or a float32 tensor
     of ``n`` values on ``device``, ``spec.scale`` at the kept rows and 0 at the others. The same
     host-side draw as ``draw_rows`` (the same decisions from the same random state), for a row
-    step that masks instead of taking the subset."""
+    step that masks instead of taking the subset. Where no row is kept but ``branch`` must be
+    called (``must_call``), a mask of zeros: the branch runs, weighted 0."""
     if spec.p == 0.0:
         return True
     if spec.p == 1.0:
         return False
     kept = draw_kept(n, 1.0 - spec.p, generator)
     k = int(kept.sum())
-    if k == 0:
+    if k == 0 and not (n > 0 and must_call(branch)):
         return False
     if k == n:
         return True

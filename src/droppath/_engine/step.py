@@ -135,7 +135,7 @@ def skip_add(
         clock = auto.begin(x, dim, spec.p)
     if masks(spec.mode, spec.strategy, auto):
         return _masked_step(x, branch, spec, shortcut, generator, combine)
-    kept = draw(spec, x.shape[dim], x.device, generator)
+    kept = draw(spec, x.shape[dim], x.device, generator, branch=branch)
     if kept is False:
         return skip(run(shortcut, x, dim), branch)
     if kept is True:
@@ -175,7 +175,7 @@ def _masked_step(
     """A row step that masks: the branch on every row, the dropped ones multiplied by 0, with
     the decisions drawn on the host as the subset draws them."""
     dim = spec.batch_dim % x.dim()
-    mask = draw_mask(spec, x.shape[dim], x.device, generator)
+    mask = draw_mask(spec, x.shape[dim], x.device, generator, branch=branch)
     if mask is False:
         return skip(run(shortcut, x, dim), branch)
     base, out = run(shortcut, x, dim), run(branch, x, dim)
