@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from conftest import binom_pvalue, run_two_processes
-from droppath import Residual, accelerate
+from droppath import Residual, accelerate, drop_path
 from droppath._engine import draws
 
 STEPS = 400  # decisions drawn per scenario and rank for the statistical tests
@@ -31,7 +31,9 @@ ROWS = 8
 def _draw_many(keep: float) -> dict[str, torch.Tensor]:
     rows = torch.stack([draws.draw_kept(ROWS, keep) for _ in range(STEPS)])
     gates = torch.tensor([draws.draw_gate(keep) for _ in range(STEPS)])
-    return {"rows": rows, "gates": gates}
+    ones = torch.ones(ROWS, 1)  # drop_path's mask, drawn on the device's generator
+    masks = torch.stack([drop_path(ones, 1 - keep)[:, 0] != 0 for _ in range(STEPS)])
+    return {"rows": rows, "gates": gates, "masks": masks}
 
 
 class _Step(nn.Module):
@@ -262,12 +264,16 @@ def _result(ranks, name):
 
 @pytest.mark.parametrize("seeding", ["same_seed", "per_rank_seed"])
 def test_gates_agree_and_rows_are_independent_across_ranks(ranks, seeding):
-    from scipy.stats import fisher_exact
-
     r0, r1 = _result(ranks, seeding)
     assert torch.equal(r0["gates"], r1["gates"])  # batch mode: every rank alike
     assert binom_pvalue(int(r0["gates"].sum()), STEPS, 0.5) > 1e-4
-    a, b = r0["rows"].flatten(), r1["rows"].flatten()
+    for what in ("rows", "masks"):  # the host-side step's rows, drop_path's mask
+        _independent(r0[what].flatten(), r1[what].flatten())
+
+
+def _independent(a, b):
+    from scipy.stats import fisher_exact
+
     for kept in (a, b):  # each rank keeps each row with probability 0.5 ...
         assert binom_pvalue(int(kept.sum()), kept.numel(), 0.5) > 1e-4
     # ... independently of the other rank: a 2x2 table of the pairs shows no association

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from droppath._engine import ranks
 from droppath._engine.ops import eager
+from droppath._engine.ranks import communicates, group, rank_rows, shared_gate
 from droppath._engine.spec import DropSpec
 
 # What ``draw`` returns: True (every row kept), False (every row dropped), or the indices of the
@@ -33,11 +33,11 @@ def _host_generator(generator: torch.Generator | None) -> torch.Generator | None
 def draw_kept(n: int, keep: float, generator: torch.Generator | None = None) -> Tensor:
     """An independent Bernoulli(``keep``) decision per row of ``n``, on the host: the one draw
     behind ``draw_rows``, ``draw_mask`` and the decisions drawn ahead (``predraw``). In a process
-    group, this rank's own (``droppath._engine.ranks.rows``)."""
+    group, this rank's own (``droppath._engine.ranks.rank_rows``)."""
     source = _host_generator(generator)
-    group = ranks.group()
-    if group is not None:
-        return ranks.rows(n, keep, group[0], source)
+    ranks = group()
+    if ranks is not None:
+        return rank_rows(n, keep, ranks[0], source)
     return torch.rand(n, generator=source) < keep
 
 
@@ -56,12 +56,12 @@ def draw_gate(keep: float, *, generator: torch.Generator | None = None) -> bool:
     """One Bernoulli(keep) decision for batch mode, drawn on the host.
 
     The draw never waits for an accelerator; in a process group it is the same on every rank,
-    however the ranks were seeded, with no collective (``droppath._engine.ranks.gate``).
+    however the ranks were seeded, with no collective (``droppath._engine.ranks.shared_gate``).
     """
     source = _host_generator(generator)
-    group = ranks.group()
-    if group is not None:
-        return ranks.gate(keep, group[0], source)
+    ranks = group()
+    if ranks is not None:
+        return shared_gate(keep, ranks[0], source)
     return bool(torch.rand((), generator=source) < keep)
 
 
@@ -102,7 +102,7 @@ def draw_rows(
 def must_call(branch: Any) -> bool:
     """Whether a step must call ``branch`` even where it keeps no sample of this rank: in a
     process group, a branch that communicates (``droppath._engine.ranks.communicates``)."""
-    return ranks.group() is not None and ranks.communicates(branch)
+    return group() is not None and communicates(branch)
 
 
 @eager

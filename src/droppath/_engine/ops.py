@@ -14,6 +14,8 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor
 
+from droppath._engine.ranks import group
+
 Branch = Callable[[Tensor], Tensor]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -272,10 +274,15 @@ def keep_mask(
     ``batch_dim`` must already be non-negative. The draw is made in float32 whatever ``x``'s dtype,
     so that the keep probability is exact in float16 and bfloat16 as well; only the stored scale
     ``1 / (1 - p)`` is rounded to ``x``'s dtype.
+
+    In a process group of ``world`` ranks, a row mask is this rank's slice of a draw of
+    ``world * n`` rows: ranks seeded alike keep independent rows (every rank draws as many
+    numbers, so their generators stay alike), and ranks seeded apart do anyway.
     """
     shape = [1] * x.dim()
+    ranks = group() if mode == "row" else None
     if mode == "row":
-        shape[batch_dim] = x.shape[batch_dim]
+        shape[batch_dim] = x.shape[batch_dim] * (1 if ranks is None else ranks[1])
     keep = 1.0 - p
     # Tensor ops with ``keep`` (not ``bernoulli_(keep)``): under torch.compile a changing rate
     # becomes one symbolic input of the graph instead of a constant that recompiles each step.
@@ -283,6 +290,9 @@ def keep_mask(
         noise = torch.rand(shape, dtype=torch.float32, device=x.device)
     else:
         noise = torch.rand(shape, dtype=torch.float32, device=x.device, generator=generator)
+    if ranks is not None:
+        n = x.shape[batch_dim]
+        noise = noise.narrow(batch_dim, ranks[0] * n, n)
     mask = (noise < keep).to(torch.float32)
     if scale_by_keep and keep > 0.0:
         mask = mask / keep

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["communicates", "gate", "get_rng_state", "group", "rows", "set_rng_state"]
+__all__ = [
+    "communicates",
+    "get_rng_state",
+    "group",
+    "rank_rows",
+    "set_rng_state",
+    "shared_gate",
+]
 
 _MASK63 = (1 << 63) - 1
 _REPLAYS = 4096  # the gates remembered for replay in a backward pass
@@ -65,7 +72,7 @@ def _number(source: torch.Generator | None) -> int:
 _ROWS = torch.Generator()  # reseeded at every row draw in a group
 
 
-def rows(n: int, keep: float, rank: int, source: torch.Generator | None) -> Tensor:
+def rank_rows(n: int, keep: float, rank: int, source: torch.Generator | None) -> Tensor:
     """``n`` independent Bernoulli(``keep``) row decisions of this rank: the same for the same
     source state and rank, independent across ranks."""
     _ROWS.manual_seed(_mix(_number(source), rank))
@@ -116,7 +123,7 @@ def _in_backward() -> bool:
     return task is not None and int(task()) != -1
 
 
-def gate(keep: float, rank: int, source: torch.Generator | None) -> bool:
+def shared_gate(keep: float, rank: int, source: torch.Generator | None) -> bool:
     """One Bernoulli(``keep``) gate, the same on every rank (see the module's docstring)."""
     number = _number(source)
     stream = _stream(rank)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from droppath import get_rng_state, set_rng_state
 from droppath.apps.data import DataError
 from droppath.apps.progress import progress_bar
 from droppath.apps.train.checkpointing import (
@@ -58,15 +59,18 @@ def _evaluate(
     return loss / len(x), correct / len(x)
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The random state of a run: torch's, and under ``torchrun`` droppath's gate stream (the
+    batch-mode gates that every rank shares)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state(), "droppath": get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
+    set_rng_state(state.get("droppath", {}))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
