@@ -13,9 +13,12 @@ try:
 except ImportError:  # the older package name
     import pytorch_lightning as pl
 
+from droppath import get_rng_state, set_rng_state
 from droppath.integrations._common import ScheduleAtStep
 
 __all__ = ["DropRateCallback"]
+
+_RNG = "droppath_rng_state"  # droppath's gate stream, beside the scheduler's state
 
 
 class DropRateCallback(pl.Callback):  # type: ignore[misc]
@@ -26,7 +29,9 @@ class DropRateCallback(pl.Callback):  # type: ignore[misc]
     schedule step ``trainer.global_step`` (the optimizer steps done so far, so the ``k``-th
     optimizer step runs with the rates of step ``k``, with gradient accumulation too); it logs
     them as ``drop_rate/<site>`` through the module's logger, and saves the scheduler's state with
-    the trainer's checkpoint (a resumed run goes on with the rates of its step).
+    the trainer's checkpoint (a resumed run goes on with the rates of its step), and with it
+    droppath's gate stream under a distributed strategy (``droppath.get_rng_state``), so that a
+    resumed run draws the batch-mode gates of one that never stopped.
 
     Args:
         p: the largest rate for the depth rule, or one rate per site.
@@ -52,7 +57,9 @@ class DropRateCallback(pl.Callback):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         sched = self._schedule.start(pl_module)
         if self._saved is not None:
-            sched.load_state_dict(self._saved)
+            saved = dict(self._saved)
+            set_rng_state(saved.pop(_RNG, {}))
+            sched.load_state_dict(saved)
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -63,7 +70,11 @@ class DropRateCallback(pl.Callback):  # type: ignore[misc]
 
     def state_dict(self) -> dict[str, Any]:
         sched = self._schedule.scheduler
-        return sched.state_dict() if sched is not None else {}
+        if sched is None:
+            return {}
+        state: dict[str, Any] = sched.state_dict()
+        rng = get_rng_state()
+        return {**state, _RNG: rng} if rng else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved = dict(state_dict) or None
