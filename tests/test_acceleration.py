@@ -236,3 +236,21 @@ def test_a_block_is_the_element_of_a_stack_of_its_class():
 
 def test_efficientnet_rule():
     assert depth_rates(4, 0.2, "efficientnet") == pytest.approx([0.0, 0.05, 0.1, 0.15])
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_a_skipped_branch_gets_zero_gradients_in_one_process(mode):
+    """Issue 27, item 9: as the mask gives (and droppath under DDP), not None, so that the
+    optimizer's momentum and weight decay see the parameters as they would have."""
+    model = _model((0.5, 0.5))
+    accelerate(model)
+    for b in model:
+        b.drop_path1.mode = b.drop_path2.mode = mode
+    model.train()(torch.randn(8, 8)).sum().backward()  # the check runs on this first call
+    assert all(b.__dict__.get("_droppath_verified") for b in model)
+    set_drop_rates(model, 1.0)  # every branch skipped from now on
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(8, 8)).sum().backward()
+    for b in model:
+        for q in (*b.fc1.parameters(), *b.fc2.parameters()):
+            assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q))

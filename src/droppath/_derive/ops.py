@@ -28,6 +28,7 @@ from droppath._engine import (
     gather,
     host_side,
     scatter_add,
+    skip,
     skip_add,
     split,
 )
@@ -282,7 +283,7 @@ def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int
         known[0][dim] = -1
     shape, dtype = known
     shape = [n if i == dim else s for i, s in enumerate(shape)]
-    return ref.new_zeros(shape, dtype=dtype)
+    return skip(ref.new_zeros(shape, dtype=dtype), branch)  # the parameters' zero gradients
 
 
 @eager

@@ -39,8 +39,9 @@ def host_side(fn: _F) -> _F:
 class _TouchParams(torch.autograd.Function):
     """Identity on ``x`` that gives zero gradients to ``params``.
 
-    When a dropped branch is skipped in a distributed run, its parameters still receive a gradient
-    (zeros), so ``DistributedDataParallel`` with its default ``find_unused_parameters=False`` finds
+    When a dropped branch is skipped, its parameters still receive a gradient (zeros), as the
+    mask formulation gives them: the optimizer updates them as it would have (momentum, weight
+    decay), and ``DistributedDataParallel`` with its default ``find_unused_parameters=False`` finds
     every parameter ready and neither raises nor hangs.
     """
 
@@ -124,13 +125,9 @@ class _Split(torch.autograd.Function):
 
 
 def _needs_touch() -> bool:
-    # with a process group, DDP may wrap the model: its reducer wants a gradient for every
-    # parameter at every step, a single process included
-    return (
-        torch.is_grad_enabled()
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    )
+    # the mask gives a skipped branch's parameters zero gradients (not None), in every process;
+    # under DDP its reducer wants a gradient for every parameter at every step
+    return torch.is_grad_enabled()
 
 
 @eager
