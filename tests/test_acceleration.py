@@ -254,3 +254,51 @@ def test_a_skipped_branch_gets_zero_gradients_in_one_process(mode):
     for b in model:
         for q in (*b.fc1.parameters(), *b.fc2.parameters()):
             assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_calls_that_cannot_tell_postpone_the_check():
+    """Issue 27, item 2: a probe's call (fake tensors, the meta device, no grad, inference mode,
+    one sample) neither passes nor fails a block's check; the next real call makes it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from droppath.acceleration import check_states
+
+    model = _model((0.3, 0.3))
+    accelerate(model)
+    model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):  # a memory estimator
+        model(torch.empty(8, 8))
+    with torch.no_grad():
+        model(torch.randn(8, 8))
+    with torch.inference_mode():
+        model(torch.randn(8, 8))
+    model(torch.randn(1, 8))
+    assert set(check_states(model).values()) == {"pending"}
+    meta = copy.deepcopy(model).to("meta")  # a shape probe on the meta device
+    meta(torch.empty(8, 8, device="meta"))
+    assert set(check_states(meta).values()) == {"pending"}
+    model(torch.randn(8, 8))
+    assert set(check_states(model).values()) == {"verified"}
+
+
+def test_a_failed_check_is_reported_and_accelerate_clears_it(monkeypatch):
+    """Issue 27, items 2 and 5: the report says which blocks fell back to the mask and why;
+    calling accelerate again checks them again."""
+    import droppath.acceleration as acc
+
+    model = _model((0.3, 0.3))
+    accelerate(model)
+    with monkeypatch.context() as m:
+        m.setattr(acc, "verify", lambda *a, **k: "verify: output item 0 differs (planted)")
+        with pytest.warns(UserWarning, match="stays on the mask"):
+            model.train()(torch.randn(8, 8))
+    assert all(
+        s.startswith("failed: verify: output item 0") for s in acc.check_states(model).values()
+    )
+    report = accelerate(model)
+    assert report.counts()["mask"] == 4
+    assert all("failed its check (verify: output item 0 differs" in r.reason for r in report)
+    assert set(acc.check_states(model).values()) == {"pending"}
+    model(torch.randn(8, 8))
+    assert set(acc.check_states(model).values()) == {"verified"}
+    assert accelerate(model).counts()["row subset"] == 4

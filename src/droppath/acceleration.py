@@ -9,7 +9,13 @@ from typing import Any
 from torch import nn
 
 from droppath._checks import STRATEGIES, check_choice, check_model, check_probability
-from droppath._derive import NOTHING_TO_SKIP, Derived, DeriveError, derive, verify
+from droppath._derive import (
+    NOTHING_TO_SKIP,
+    Derived,
+    DeriveError,
+    derive_candidates,
+    verify,
+)
 from droppath._derive.ops import GATHER
 from droppath._engine import DropBase, host_side
 from droppath._fx import is_proxy
@@ -74,6 +80,19 @@ _CHECK_NOW = [False]
 def accelerated_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks of ``model`` that ``accelerate`` rewrote."""
     return [m for m in model.modules() if isinstance(m, _AcceleratedBlock)]
+
+
+def check_states(model: nn.Module) -> dict[str, str]:
+    """How far each accelerated block of ``model`` is with its check, by module name:
+    ``"verified"`` (it runs its derived forward), ``"pending"`` (not checked yet: no training
+    call that could tell so far) or ``"failed: <reason>"`` (it stays on the mask)."""
+    states = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _AcceleratedBlock):
+            failed = m.__dict__.get(_FAILED)
+            verified = m.__dict__.get(_VERIFIED)
+            states[name] = f"failed: {failed}" if failed else "verified" if verified else "pending"
+    return states
 
 
 def block_sites(block: nn.Module) -> list[nn.Module]:
@@ -156,34 +175,9 @@ def _choose(block: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, 
     return first
 
 
-_DERIVED: dict[tuple[type, tuple[str, ...]], tuple[Derived, ...] | DeriveError] = {}
-
-
-def _derived(cls: type, sites: tuple[str, ...]) -> tuple[Derived, ...]:
-    """The derived forwards of ``cls`` for ``sites``, made once per class: the rewrite, and a
-    more conservative one when it differs (``keep_shared``, tried if the first fails its check).
-    Raises ``DeriveError`` (also remembered)."""
-    key = (cls, sites)
-    if key not in _DERIVED:
-        try:
-            first = derive(cls, sites)
-            try:
-                second = derive(cls, sites, keep_shared=True)
-                both = (first,) if second.source == first.source else (first, second)
-            except DeriveError:
-                both = (first,)
-            _DERIVED[key] = both
-        except DeriveError as error:
-            _DERIVED[key] = error
-    found = _DERIVED[key]
-    if isinstance(found, DeriveError):
-        raise found
-    return found
-
-
 def _namespace(cls: type, sites: tuple[str, ...]) -> dict[str, Any]:
     """The class attributes of ``cls`` accelerated at ``sites`` (see ``droppath._swap``)."""
-    candidates = _derived(cls, sites)
+    candidates = derive_candidates(cls, sites)
     return {
         "_droppath_derived": candidates[0],
         "_droppath_candidates": candidates,
@@ -210,7 +204,7 @@ def _plan(block: nn.Module, sites: list[str], batchnorm: str) -> tuple[Derived |
     if batchnorm == "mask" and _mixes_samples(block) and not batch_only:
         return None, "branch mixes samples (BatchNorm); batchnorm='subset' to run kept rows"
     try:
-        derived = _derived(cls, tuple(sorted(sites)))[0]
+        derived = derive_candidates(cls, tuple(sorted(sites)))[0]
     except DeriveError as error:
         return None, str(error)
     return derived, ""
@@ -260,8 +254,8 @@ def accelerate(
        scale after the site), runs as ``drop_add_residual`` does: ``g`` on the kept samples
        only (row mode) or not at all when a step is dropped (batch mode), with the site's own
        rate, mode and scaling, decisions drawn on the host and zero gradients for skipped
-       parameters under DDP. Side inputs with one row per sample (attention masks, rotary
-       tables) are gathered with the kept rows; shared ones are passed whole.
+       parameters, as the mask gives them. Side inputs with one row per sample (attention masks,
+       rotary tables) are gathered with the kept rows; shared ones are passed whole.
     3. Nothing derived is trusted untried: on a block's first training call with a rate above 0,
        the derived forward runs against the class's own under the same keep decisions, and
        outputs and input gradients must agree. A block that fails the check warns once and stays
@@ -365,11 +359,14 @@ def accelerate(
         else:
             adapter, reason = _plan(block, attrs, batchnorm)
         cls, before = _base(block), type(block)
+        failed = block.__dict__.get(_FAILED)
         if adapter is None:
             unswap_class(block, _AcceleratedBlock)
         else:
             swap_class(block, _AcceleratedBlock, tuple(sorted(attrs)), namespace=_namespace)
-        if type(block) is not before:  # a check made under another class holds no more
+        if type(block) is not before or failed:
+            # a check made under another class holds no more, and a failed one is made again
+            # (on inputs that could not tell, a probe's, say, it may pass)
             for key in (_VERIFIED, _FAILED, _CHOSEN):
                 block.__dict__.pop(key, None)
         for attr in attrs:
@@ -380,6 +377,9 @@ def accelerate(
                 runs, why = MASK, _unreached(cls, attr, adapter)
             elif adapter is None:
                 runs = MASK
+            elif failed and type(block) is before:
+                runs = MASK
+                why = f"failed its check ({failed.splitlines()[0]}); checked again on its next call"
             elif site.mode == "batch":
                 runs = BATCH
             elif site.spec.skips:

@@ -115,11 +115,11 @@ def test_cli_json_and_bad_input(tmp_path, capsys):
     assert main(["bench", "--kind", "lstm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "droppath bench: error: kind must be one of 'mlp', 'attn', 'conv', 'vit', 'llama', "
+        "droppath bench: error: --kind must be one of 'mlp', 'attn', 'conv', 'vit', 'llama', "
         "got 'lstm'"
     ]
     assert main(["bench", "-p", "1.5"]) == 2
-    assert "p must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
+    assert "error: -p must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_python_dash_m():
@@ -144,27 +144,66 @@ def test_compiled_bench_runs_every_variant():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--device", "foo"], "device must be 'cpu' or 'cuda[:N]', got 'foo'"),
-        (["--threads", "-1"], "threads must be an int >= 1, got -1"),
-        (["--kind", "attn", "--width", "129"], "width must be a multiple of the 2 attention heads"),
-        (["--json", "/nonexistent/dir/out.json"], "--json must be a path in a writable folder"),
-        (["--bucket", "0"], "bucket must be None or an int >= 1, got 0"),
-        (["--batch", "1000000000"], "batch must fit the cpu memory: batch 1000000000"),
+        (["--device", "foo"], "--device must be 'cpu' or 'cuda[:N]', got 'foo'"),
+        (["--threads", "-1"], "--threads must be an int >= 1, got -1"),
+        (
+            ["--kind", "attn", "--width", "129"],
+            "--width must be a multiple of the 2 attention heads (width // 64) for --kind attn",
+        ),
+        (  # a folder that cannot be made: under a file
+            ["--json", f"{__file__}/dir/out.json"],
+            "--json must be a path in a writable folder",
+        ),
+        (["--bucket", "0"], "--bucket must be None or an int >= 1, got 0"),
+        (["--batch", "1000000000"], "--batch must fit the cpu memory: batch 1000000000"),
         (
             ["--model", "keras:resnet"],
-            "model must be LIBRARY:NAME with LIBRARY one of timm, torchvision, transformers, "
+            "--model must be LIBRARY:NAME with LIBRARY one of timm, torchvision, transformers, "
             "got 'keras:resnet'",
         ),
-        (["--model", "timm:resnet50"], "depth does not apply to a library model"),
-        (["--image", "64"], "image applies to a library model only"),
-        (["--autocast", "fp8"], "autocast must be one of 'bfloat16', 'float16', got 'fp8'"),
-        (["--channels-last"], "channels_last applies to kind 'conv' or a library model"),
+        (
+            ["--model", "timm:resnet50"],
+            "--depth does not apply to a library model (it has its own blocks and rates), got "
+            "with --model timm:resnet50",
+        ),
+        (["--image", "64"], "--image applies to a library model only (--model timm:NAME, ...)"),
+        (["--autocast", "fp8"], "--autocast must be one of 'bfloat16', 'float16', got 'fp8'"),
+        (
+            ["--channels-last"],
+            "--channels-last applies to --kind conv or a library model, got --kind mlp",
+        ),
+        # issue 27, item 10: 0 is refused, not replaced by the default
+        (["--batch", "0"], "--batch must be an int >= 1, got 0"),
+        (["--tokens", "0"], "--tokens must be an int >= 1, got 0"),
     ],
 )
 def test_cli_mistakes_are_one_line(args, message, capsys):
     assert main(["bench", "--reps", "1", "--warmup", "0", "--depth", "1", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "--batch must be an int >= 1, got 0"),
+        (["--image", "0"], "--image must be an int >= 1, got 0"),
+    ],
+)
+def test_cli_library_model_refuses_zero(args, message, capsys):
+    """Issue 27, item 10: ``--batch 0`` and ``--image 0`` are refused, named as flags (the
+    library model is not built: the options are checked first)."""
+    assert main(["bench", "--model", "timm:resnet50", "--reps", "1", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"droppath bench: error: {message}"]
+
+
+def test_cli_json_makes_missing_folders_as_train_out_does(tmp_path, capsys):
+    """Issue 27, item 11: ``bench --json`` and ``train --out`` both make missing folders."""
+    path = tmp_path / "new" / "deeper" / "r.json"
+    args = ["--depth", "1", "--batch", "2", "--width", "8", "--tokens", "2", "--reps", "1"]
+    assert main(["bench", *args, "--warmup", "0", "--no-progress", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["config"]["depth"] == 1
 
 
 def test_memory_estimate_admits_the_benchmarked_setups():
@@ -222,3 +261,32 @@ def test_autocast_and_channels_last_reach_the_step(tmp_path):
     cfg = json.loads(path.read_text())["config"]
     assert cfg["autocast"] == "bfloat16" and cfg["channels_last"] is True
     assert seen and all(dtype == torch.bfloat16 and last for dtype, last in seen), set(seen)
+
+
+def test_bench_reports_blocks_that_fell_back_to_the_mask(monkeypatch):
+    """Issue 27, item 5: a block whose check failed runs every row; the JSON and the table say
+    which and why."""
+    import droppath.acceleration as acc
+    from droppath import accelerate
+    from droppath.apps.bench.run import fallbacks
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop_path = nn.Linear(4, 4), nn.Identity()
+
+        def forward(self, x):
+            return x + self.drop_path(self.lin(x))
+
+    model = nn.Sequential(Block(), Block())
+    accelerate(model, 0.5, rule="uniform")
+    monkeypatch.setattr(acc, "verify", lambda *a, **k: "verify: output item 0 differs (planted)")
+    with pytest.warns(UserWarning):
+        model.train()(torch.randn(8, 4))
+    found = fallbacks(model)
+    assert found == {"0": "verify: output item 0 differs (planted)", "1": found["1"]}
+    cfg = BenchConfig(kind="mlp", depth=2, batch=8, width=16, tokens=4, p=0.5, reps=1, warmup=0)
+    report = run_bench(cfg, progress=False)
+    assert all(r["fallbacks"] == {} for r in report["results"])
+    report["results"][1]["fallbacks"] = found
+    assert "fell back to the mask: mask-multiply: 0 (verify: output item 0" in format_table(report)

@@ -40,7 +40,7 @@ from droppath._derive.rewrite import Rewriter
 from droppath._derive.source import read
 from droppath._derive.verify import verify
 
-__all__ = ["NOTHING_TO_SKIP", "DeriveError", "Derived", "derive", "verify"]
+__all__ = ["NOTHING_TO_SKIP", "DeriveError", "Derived", "derive", "derive_candidates", "verify"]
 
 
 def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> Derived:
@@ -70,3 +70,28 @@ def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> D
             raise DeriveError("rewrite", f"{cls.__qualname__}: {NOTHING_TO_SKIP}")
         raise DeriveError("rewrite", f"{cls.__qualname__}.forward calls no site directly")
     return generate(cls, source, new_body, output)
+
+
+_DERIVED: dict[tuple[type, tuple[str, ...]], tuple[Derived, ...] | DeriveError] = {}
+
+
+def derive_candidates(cls: type, sites: tuple[str, ...]) -> tuple[Derived, ...]:
+    """The derived forwards of ``cls`` for ``sites``, made once per class: the rewrite, and a
+    more conservative one when it differs (``keep_shared``, tried if the first fails its check).
+    Raises ``DeriveError`` (also remembered)."""
+    key = (cls, sites)
+    if key not in _DERIVED:
+        try:
+            first = derive(cls, sites)
+            try:
+                second = derive(cls, sites, keep_shared=True)
+                both = (first,) if second.source == first.source else (first, second)
+            except DeriveError:
+                both = (first,)
+            _DERIVED[key] = both
+        except DeriveError as error:
+            _DERIVED[key] = error
+    found = _DERIVED[key]
+    if isinstance(found, DeriveError):
+        raise found
+    return found

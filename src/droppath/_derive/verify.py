@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from droppath._derive.ops import ForcedDrop
 from droppath._engine import eager
 
-__all__ = ["verify"]
+__all__ = ["cannot_tell", "verify"]
 
 
 class _Decisions:
@@ -163,6 +163,19 @@ def _grads(out: Any, leaves: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(leaf) if d is None else d for d, leaf in pairs]
 
 
+def cannot_tell(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call's inputs cannot tell a derived forward from the original: fewer than 2
+    samples, inference mode or no gradients, tensors on the ``meta`` device or fake ones (a
+    shape or FLOP probe, a memory estimator under ``FakeTensorMode``)."""
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        return True
+    if _batch(args, kwargs) < 2:
+        return True
+    if torch._guards.detect_fake_mode(list(_flat([args, kwargs]))) is not None:
+        return True
+    return any(isinstance(t, Tensor) and t.is_meta for t in _flat([args, kwargs]))
+
+
 @eager
 def verify(
     block: nn.Module,
@@ -175,9 +188,9 @@ def verify(
     """Check ``derived`` against ``original`` on ``block`` with these inputs.
 
     Returns "" if they agree, a one-line reason if they do not, and None if these inputs cannot
-    tell (fewer than 2 samples, or inference mode): the check then waits for another call.
+    tell (``cannot_tell``): the check then waits for another call.
     """
-    if torch.is_inference_mode_enabled() or _batch(args, kwargs) < 2:
+    if cannot_tell(args, kwargs):
         return None
     decide = _Decisions()
     with _checking(block, sites, decide), torch.enable_grad():

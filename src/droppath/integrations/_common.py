@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from droppath.acceleration import check_states
 from droppath.scheduler import DropRateScheduler
 from droppath.sites import site_rate
 
@@ -34,10 +35,16 @@ class ScheduleAtStep:
 
     def at(self, step: int) -> dict[str, float]:
         """Set the rates of ``step``; return the rates the model's sites hold then (looked up by
-        name, so the modules that run, whatever replaced them), for the trainer's logger."""
+        name, so the modules that run, whatever replaced them), for the trainer's logger, and,
+        once an accelerated block's check has failed, ``droppath/blocks_on_mask``: how many run
+        every row (their names and reasons: ``droppath.acceleration.check_states``)."""
         if self.scheduler is None:
             raise RuntimeError("the drop-rate schedule has not started: training has not begun")
         sched = self.scheduler
         if step != sched.last_step:
             sched.step_to(step)
-        return {f"drop_rate/{name}": site_rate(site) for name, site in sched.sites}
+        logged = {f"drop_rate/{name}": site_rate(site) for name, site in sched.sites}
+        failed = sum(s.startswith("failed") for s in check_states(sched.model).values())
+        if failed:
+            logged["droppath/blocks_on_mask"] = float(failed)
+        return logged

@@ -76,6 +76,13 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     if chosen:  # what strategy "auto" took at its sites, after the timed steps
         lines += ["", "auto chose, per site: " + "; ".join(chosen)]
+    fell = [
+        f"{r['name']}: {name} ({why.splitlines()[0]})"
+        for r in report["results"]
+        for name, why in r.get("fallbacks", {}).items()
+    ]
+    if fell:  # blocks whose check failed: they ran every row
+        lines += ["", "fell back to the mask: " + "; ".join(fell)]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from droppath.acceleration import check_states
 from droppath.ahead import draw_ahead
 from droppath.apps.bench.config import BenchConfig
 from droppath.apps.bench.models import build_model
@@ -41,6 +42,8 @@ class VariantResult:
     memory_ratio_to_mask_multiply: float
     times_ms: list[float] = field(repr=False)
     auto_choices: dict[str, int] = field(default_factory=dict)
+    # accelerated blocks that fell back to the mask, by name: why (their check failed)
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(cfg: BenchConfig, dev: torch.device) -> Setup:
@@ -76,6 +79,16 @@ def auto_choices(model: nn.Module) -> dict[str, int]:
         if isinstance(choice, str):
             counts[choice] = counts.get(choice, 0) + 1
     return counts
+
+
+def fallbacks(model: nn.Module) -> dict[str, str]:
+    """The accelerated blocks of ``model`` whose check failed, after the timed steps: they ran
+    every row (the mask), by module name, with the reason."""
+    return {
+        name: state.removeprefix("failed: ")
+        for name, state in check_states(model).items()
+        if state.startswith("failed: ")
+    }
 
 
 def _rates(cfg: BenchConfig, model: nn.Module) -> list[float]:
@@ -138,6 +151,7 @@ def run_bench(
                 memory_ratio_to_mask_multiply=memory[v.label] / mm_mem if mm_mem else float("nan"),
                 times_ms=[1e3 * s for s in times[v.label]],
                 auto_choices=auto_choices(setup.models[v.label]),
+                fallbacks=fallbacks(setup.models[v.label]),
             )
         )
         for v in order
