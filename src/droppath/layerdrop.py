@@ -14,9 +14,10 @@ Dropping (Zhang & He, NeurIPS 2020) and LayerSkip (Elhoushi et al., ACL 2024) tr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,14 @@ from torch import Tensor, nn
 from droppath._checks import check_model
 from droppath._engine import Drawn, DropBase, DropSpec, fitting, host_side
 from droppath._layer_stack import STACK_PATHS, find_layer_stack, named_stack
-from droppath._layer_step import LayerCall, ahead_layer, cache_passed, drop_layer, passthrough
+from droppath._layer_step import (
+    _CACHE_KWARGS,
+    LayerCall,
+    ahead_layer,
+    cache_passed,
+    drop_layer,
+    passthrough,
+)
 from droppath._swap import swap_class
 from droppath.rates import DEFAULT_RULE, resolve_rates
 
@@ -93,7 +101,7 @@ class LayerDrop(DropBase):
     Draws are made on the host, as ``droppath.Residual`` makes them (no device
     synchronization, replayed by checkpointing), when the layer runs or, under
     ``droppath.draw_ahead``, before the model's forward (one graph under ``torch.compile``), and
-    skipped parameters get zero gradients in a distributed run. Other outputs of a tuple
+    skipped parameters get zero gradients, as the mask gives them. Other outputs of a tuple
     (attention weights, say) come from the kept samples only; a step that drops every sample
     returns ``None`` for them, or, before the layer has ever run in training, the hidden states
     alone (it cannot know the tuple yet; under ``draw_ahead`` the layer always runs).
@@ -283,8 +291,10 @@ def layer_drop(
     ``set_drop_rates``, ``DropRateScheduler`` and ``prune`` see the layers as drop-path sites
     (``prune`` deletes a Hugging Face model's layers and updates its config, so that
     ``save_pretrained`` writes the pruned model). Calling it again on the same model changes the
-    settings. A layer handed a key/value cache runs for every sample (see ``LayerDrop``):
-    train with ``use_cache=False`` or ``model.config.use_cache = False``.
+    settings. A layer handed a key/value cache runs for every sample (see ``LayerDrop``); a
+    training forward of ``model`` to which you pass no cache and no ``use_cache`` runs with
+    ``use_cache=False`` whatever its config says (``train_without_cache``), so pretrained
+    configs, which all say ``use_cache=True``, drop layers in training as they are.
 
     Args:
         model: a model with a layer stack, e.g. a Hugging Face causal LM (Llama-family
@@ -332,4 +342,40 @@ def layer_drop(
         else:
             swap_class(layer, _LayerDropSite)
             layer.layer_drop = LayerDropSettings(spec)  # type: ignore[assignment]
+    if _takes_use_cache(type(model)) and train_without_cache not in _pre_hooks(model):
+        model.register_forward_pre_hook(train_without_cache, with_kwargs=True)
     return list(zip(names, rates, strict=True))
+
+
+def _pre_hooks(model: nn.Module) -> list[Any]:
+    return list(model._forward_pre_hooks.values())
+
+
+_TAKES_USE_CACHE: dict[type, bool] = {}
+
+
+def _takes_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` has a ``use_cache`` parameter (a Hugging Face model's)."""
+    if cls not in _TAKES_USE_CACHE:
+        try:
+            found = "use_cache" in inspect.signature(cast(Any, cls).forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            found = False
+        _TAKES_USE_CACHE[cls] = found
+    return _TAKES_USE_CACHE[cls]
+
+
+def train_without_cache(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A forward pre-hook of a model that ``layer_drop`` converted: a training forward with
+    gradients, to which the caller passed no cache and no ``use_cache``, runs with
+    ``use_cache=False``, whatever the config says (as transformers does under gradient
+    checkpointing), so that its layers drop samples instead of filling a cache for the whole
+    batch. A cache or ``use_cache=True`` passed by the caller is kept (the layers then run
+    whole)."""
+    if not model.training or not torch.is_grad_enabled() or "use_cache" in kwargs:
+        return None
+    if any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return None
+    return args, {**kwargs, "use_cache": False}

@@ -345,3 +345,26 @@ def test_ddp_two_processes(tmp_path, mode):
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert any(not torch.equal(s0[k], v) for k, v in tiny_llama().state_dict().items())
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_configs_with_use_cache_drop_layers_in_training(make):
+    """Issue 27, item 3: every pretrained config says use_cache=True; a training forward given
+    no cache still drops samples (transformers would build a cache and hand it to every layer),
+    and says nothing; a cache the caller asks for still runs whole."""
+    model = make(use_cache=True)
+    assert model.config.use_cache
+    layer_drop(model, 0.5, "uniform")
+    model.train()
+    ids, mask = _batch(n=8)
+    calls = []
+    _layers(model)[-1].mlp.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "given a key/value cache" warning
+        for _ in range(6):
+            model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert sum(calls) < 6 * 8 * 0.8, calls  # p = 0.5: about half of the rows run
+    calls.clear()
+    with pytest.warns(UserWarning, match="given a key/value cache in training"):
+        out = model(ids, attention_mask=mask, use_cache=True)
+    assert calls == [8] and out.past_key_values is not None
