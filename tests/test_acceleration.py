@@ -302,3 +302,59 @@ def test_a_failed_check_is_reported_and_accelerate_clears_it(monkeypatch):
     model(torch.randn(8, 8))
     assert set(acc.check_states(model).values()) == {"verified"}
     assert accelerate(model).counts()["row subset"] == 4
+
+
+def test_the_first_call_check_is_invisible_to_hooks_and_dispatch_modes():
+    """Issue 27, item 1: the check's two extra forwards fire no hook of the user's and record
+    nothing in a dispatch mode; a call looks like one call of the untouched model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from droppath.acceleration import check_states
+
+    torch.manual_seed(0)
+    plain = _model((0.3, 0.3))
+    model = copy.deepcopy(plain)
+    accelerate(model)
+    calls = []
+    model[1].fc1.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    global_calls = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: global_calls.append(type(m).__name__)
+    )
+    try:
+        x = torch.randn(8, 8)
+        with FlopCounterMode(display=False) as counted:
+            model.train()(x)
+        with FlopCounterMode(display=False) as counted_plain:
+            plain.train()(x)
+    finally:
+        handle.remove()
+    assert set(check_states(model).values()) == {"verified"}  # the check did run
+    assert len(calls) == 1  # 3 before: the original's and the derived forward's runs too
+    assert global_calls.count("Linear") <= 4 + 4  # both models' four Linear calls, once each
+    assert counted.get_total_flops() <= counted_plain.get_total_flops()
+
+
+def test_check_verifies_up_front_and_leaves_nothing_behind(monkeypatch):
+    """Issue 27, item 4: what the run will do is known before it starts."""
+    import droppath.acceleration as acc
+    from droppath import check
+
+    model = _model((0.0, 0.0, 0.0), block=BNBlock)  # rates 0: checked all the same
+    accelerate(model, batchnorm="subset")
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 8)
+    rng = torch.get_rng_state()
+    assert check(model, x) == {"0": "verified", "1": "verified", "2": "verified"}
+    assert not model.training and all(not m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics too
+    assert all(q.grad is None for q in model.parameters())
+    one = _model((0.3,))
+    accelerate(one)
+    assert check(one, torch.randn(1, 8)) == {"0": "pending"}  # one sample cannot tell
+    monkeypatch.setattr(acc, "verify", lambda *a, **k: "verify: output item 0 differs (planted)")
+    states = check(model, torch.randn(8, 8))
+    assert all(s == "failed: verify: output item 0 differs (planted)" for s in states.values())

@@ -16,6 +16,7 @@ _EXPORTS = {
     "AccelerationReport": "droppath.report",
     "SiteReport": "droppath.report",
     "accelerate": "droppath.acceleration",
+    "check": "droppath.checking",
     "draw_ahead": "droppath.ahead",
     "DropPath": "droppath.drop",
     "DropPathWarning": "droppath._warn",
@@ -46,6 +47,7 @@ __all__ = [
     "SkippedLayer",
     "__version__",
     "accelerate",
+    "check",
     "convert",
     "depth_rates",
     "draw_ahead",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from droppath._warn import DropPathWarning
     from droppath.acceleration import accelerate
     from droppath.ahead import draw_ahead
+    from droppath.checking import check
     from droppath.drop import DropPath, drop_path
     from droppath.layerdrop import LayerDrop, SkippedLayer, layer_drop
     from droppath.pruning import prune

@@ -29,11 +29,11 @@ from droppath._engine import (
 )
 from droppath._warn import warn
 
-__all__ = ["LayerCall", "ahead_layer", "cache_passed", "drop_layer", "passthrough"]
+__all__ = ["CACHE_KWARGS", "LayerCall", "ahead_layer", "cache_passed", "drop_layer", "passthrough"]
 
 # The keyword arguments that hand a layer a key/value cache, in Hugging Face's current and
 # earlier releases.
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -43,7 +43,7 @@ def cache_passed(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     would store a partial batch, which the next step (generation, even in train mode) cannot
     extend.
     """
-    if kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+    if kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
         return True
     return any(
         not isinstance(v, Tensor) and callable(getattr(v, "get_seq_length", None))
@@ -115,7 +115,7 @@ class LayerCall:
         return _hidden(self.out)
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The layer's parameters, which get zero gradients under DDP when it is skipped."""
+        """The layer's parameters, which get zero gradients when it is skipped."""
         return self.owner.parameters()
 
     def modules(self) -> Iterator[nn.Module]:

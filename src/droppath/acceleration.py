@@ -16,7 +16,7 @@ from droppath._derive import (
     derive_candidates,
     verify,
 )
-from droppath._derive.ops import GATHER
+from droppath._derive.ops import GATHER, by_products_asked
 from droppath._engine import DropBase, host_side
 from droppath._fx import is_proxy
 from droppath._swap import own_class, swap_class, unswap_class
@@ -108,6 +108,12 @@ def set_ahead(block: nn.Module, on: bool) -> None:
         block.__dict__.pop(_AHEAD, None)
 
 
+def recheck(block: nn.Module) -> None:
+    """Forget an accelerated block's check: it checks again on its next training call."""
+    for key in (_VERIFIED, _FAILED, _CHOSEN):
+        block.__dict__.pop(key, None)
+
+
 def unchecked(block: nn.Module) -> bool:
     """Whether an accelerated block has still to check its derived forward."""
     state = block.__dict__
@@ -133,9 +139,13 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     original = _base(block).forward
     state = block.__dict__
     derived = candidates[state.get(_CHOSEN, 0)]
-    if state.get(_FAILED) or (
-        not _CHECK_NOW[0]
-        and all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites)
+    if (
+        state.get(_FAILED)
+        or (
+            not _CHECK_NOW[0]
+            and all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites)
+        )
+        or by_products_asked(kwargs)  # attention weights of every sample: the block's own
     ):
         return original(block, *args, **kwargs)
     if not state.get(_VERIFIED):
@@ -367,8 +377,7 @@ def accelerate(
         if type(block) is not before or failed:
             # a check made under another class holds no more, and a failed one is made again
             # (on inputs that could not tell, a probe's, say, it may pass)
-            for key in (_VERIFIED, _FAILED, _CHOSEN):
-                block.__dict__.pop(key, None)
+            recheck(block)
         for attr in attrs:
             name = f"{owner_name}.{attr}" if owner_name else attr
             site = getattr(block, attr)

@@ -26,7 +26,7 @@ from droppath._checks import check_model
 from droppath._engine import Drawn, DropBase, DropSpec, fitting, host_side
 from droppath._layer_stack import STACK_PATHS, find_layer_stack, named_stack
 from droppath._layer_step import (
-    _CACHE_KWARGS,
+    CACHE_KWARGS,
     LayerCall,
     ahead_layer,
     cache_passed,
@@ -376,6 +376,6 @@ def train_without_cache(
     whole)."""
     if not model.training or not torch.is_grad_enabled() or "use_cache" in kwargs:
         return None
-    if any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+    if any(kwargs.get(k) is not None for k in CACHE_KWARGS):
         return None
     return args, {**kwargs, "use_cache": False}

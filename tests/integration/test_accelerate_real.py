@@ -20,6 +20,7 @@ from torch import nn
 import droppath._engine.draws as draws_module
 from conftest import binom_pvalue, require, run_two_processes
 from droppath import (
+    DropPath,
     DropRateScheduler,
     accelerate,
     convert,
@@ -250,6 +251,36 @@ def test_schedules_convert_and_prune_see_the_same_sites():
     assert prune(model, 0)["blocks_removed"] == []
     model.train()
     model(torch.randn(4, 3, 32, 32)).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "name", ["timm:vit_small_patch16_224", "torchvision:swin_t", "transformers:Dinov2Model"]
+)
+def test_library_habits_keep_working_on_converted_sites(name):
+    """Issue 27, item 7: a site that accelerate converted is still an instance of the library's
+    class, under its name, and the library's rate attribute (timm's and Hugging Face's
+    ``drop_prob``, torchvision's ``p``) sets its rate, checked."""
+    original = build(name, 0.2)
+    library = {n: m for n, m in drop_path_sites(original)}
+    model = copy.deepcopy(original)
+    accelerate(model)
+    x = example(name)
+    for site_name, old in library.items():
+        site = model.get_submodule(site_name)
+        assert isinstance(site, type(old)) and isinstance(site, DropPath), site_name
+        assert type(site).__name__ == type(old).__name__
+        attr = "drop_prob" if hasattr(old, "drop_prob") else "p"
+        assert getattr(site, attr) == site.p == old.__dict__[attr]
+        with pytest.raises(ValueError, match=rf"{attr} must be a probability in \[0, 1\], got 1.5"):
+            setattr(site, attr, 1.5)
+        setattr(site, attr, 0.0)  # how timm-style scripts turn drop path off
+        assert site.p == 0.0 and getattr(site, attr) == 0.0
+    assert model.state_dict().keys() == original.state_dict().keys()
+    copied = copy.deepcopy(model)
+    assert all(isinstance(copied.get_submodule(n), type(m)) for n, m in library.items())
+    # every rate 0: training computes what evaluation computes (these models have no dropout)
+    with torch.no_grad():
+        torch.testing.assert_close(output(model.train()(x)), output(model.eval()(x)))
 
 
 def test_checkpoints_load_both_ways_and_optimizer_stays_valid():
@@ -494,3 +525,38 @@ def test_resnet_blocks_train_when_every_sample_is_dropped(name):
     model.train()
     model(example(name)).sum().backward()
     assert model.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["Dinov2Model", "BeitModel"])
+def test_attention_weights_in_training_cover_the_whole_batch(name):
+    """Issue 27, item 1: output_attentions=True in training returns one tensor per layer, for
+    every sample, on the first call (the check's runs are not recorded) and after it (a call
+    that asks for attention weights runs every sample through the branches)."""
+    tf = require("transformers")
+    model = getattr(tf, name)(_hf_config_eager(tf, name))
+    accelerate(model, 0.5, rule="uniform")
+    model.train()
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(3):
+        out = model(pixel_values=x, output_attentions=True)
+        assert len(out.attentions) == 3
+        assert [a.shape[0] for a in out.attentions] == [8, 8, 8]
+    out = model(pixel_values=x)  # without: the saving
+    from droppath.acceleration import check_states
+
+    assert set(check_states(model).values()) == {"verified"}
+
+
+def _hf_config_eager(tf, name):
+    small = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        drop_path_rate=0.5,
+    )
+    config = getattr(tf, name.replace("Model", "Config"))(**small)
+    config._attn_implementation = "eager"
+    return config

@@ -69,3 +69,9 @@ def test_layer_drop_how_to_generate_in_train_mode():
     scope, printed = run(block)
     assert scope["model"].training
     assert printed.strip() == "torch.Size([2, 12])"
+
+
+def test_accelerate_how_to_check_before_training():
+    require("timm")
+    _, out = run(find("docs/how-to/accelerate.md", "check(model"))
+    assert out.strip() == "{'blocks.0': 'verified', 'blocks.1': 'verified'}"

@@ -13,6 +13,7 @@ dim)`` table whose tokens happen to equal the batch size is so never cut; a bloc
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,7 +34,16 @@ from droppath._engine import (
     split,
 )
 
-__all__ = ["GATHER", "ForcedDrop", "add", "radd", "reference", "rows", "stand_in"]
+__all__ = [
+    "GATHER",
+    "ForcedDrop",
+    "add",
+    "by_products_asked",
+    "radd",
+    "reference",
+    "rows",
+    "stand_in",
+]
 
 BranchFn = Callable[..., Tensor]
 _BASE = object()  # stands for the rows of the sum's base among a branch's arguments
@@ -126,6 +136,22 @@ class DroppedRows:
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         return cls()._fail()
+
+
+def by_products_asked(kwargs: dict[str, Any]) -> bool:
+    """Whether a block's call asks for per-sample by-products of its branches (attention
+    weights): ``output_attentions=True`` among its arguments (transformers 4), or an output
+    recorder of transformers 5 collecting anything but the hidden states. The block then runs
+    its own forward on that call, every sample through every branch, so that what is recorded
+    covers the whole batch."""
+    if kwargs.get("output_attentions"):
+        return True
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    wanted: Any = collector.get() if collector is not None else None
+    if not wanted:
+        return False
+    return any(k != "hidden_states" and not str(k).startswith("_") for k in wanted)
 
 
 def stand_in(obj: Any, dim: int, n: int) -> Any:

@@ -10,17 +10,20 @@ written (``torch.autograd.grad``), and the random state is not touched.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.utils._python_dispatch import _disable_current_modes
 
 from droppath._derive.ops import ForcedDrop
 from droppath._engine import eager
 
-__all__ = ["cannot_tell", "verify"]
+__all__ = ["cannot_tell", "unobserved", "verify"]
 
 
 class _Decisions:
@@ -72,6 +75,52 @@ def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if isinstance(obj, Tensor) and obj.is_floating_point() and obj.dim() >= 2:
             return int(obj.shape[0])
     return 0
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def _torch_own(hook: Any) -> bool:
+    """Whether a hook is torch's own (FSDP2's unsharding, a parametrization's, spectral norm's):
+    the forward needs it. A user's or a library's (transformers' output recorders) is not."""
+    fn = getattr(hook, "__func__", hook)
+    name = getattr(fn, "__module__", None) or type(fn).__module__
+    return name == "torch" or name.startswith("torch.")
+
+
+@contextmanager
+def unobserved(block: nn.Module) -> Iterator[None]:
+    """Run the check's extra forwards unseen: no hook of the block's submodules fires but
+    torch's own, no global module hook, and no dispatch mode (a FLOP counter, say) records them.
+    A call then looks, from outside, like one call of the untouched model."""
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for m in block.modules():
+            if m is block:
+                continue
+            for attr in _HOOKS:
+                hooks = m.__dict__.get(attr)
+                if hooks:
+                    saved.append((m.__dict__, attr, hooks))
+                    m.__dict__[attr] = OrderedDict(
+                        (k, h) for k, h in hooks.items() if _torch_own(h)
+                    )
+        for attr in _GLOBAL_HOOKS:
+            hooks = getattr(_module, attr, None)
+            if hooks:
+                saved.append((vars(_module), attr, hooks))
+                setattr(_module, attr, OrderedDict())
+        with _disable_current_modes():
+            yield
+    finally:
+        for where, attr, hooks in reversed(saved):
+            where[attr] = hooks
 
 
 @contextmanager
@@ -193,7 +242,7 @@ def verify(
     if cannot_tell(args, kwargs):
         return None
     decide = _Decisions()
-    with _checking(block, sites, decide), torch.enable_grad():
+    with _checking(block, sites, decide), unobserved(block), torch.enable_grad():
         try:
             want, want_leaves = _run(original, block, args, kwargs, decide)
         except Exception as error:  # the original itself fails here: not the rewrite's fault
