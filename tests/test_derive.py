@@ -433,12 +433,46 @@ def test_values_read_after_the_site_come_back_beside_the_output():
     block.attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     block(torch.randn(16, 5, D))
     assert seen and seen[0] < 16  # the attention ran on the kept samples only
-    # attention weights of dropped samples do not exist: asked for in training, they come back
-    # as a stand-in that raises a clear error when used
-    for _ in range(20):  # until a step keeps some samples and drops others
+    # attention weights asked for in training: that call runs the block's own forward, so they
+    # cover every sample (issue 27, item 1)
+    seen.clear()
+    for _ in range(5):
         _, weights = block(torch.randn(16, 5, D), output_attentions=True)
-        if isinstance(weights, DroppedRows):
-            break
-    with pytest.raises(RuntimeError, match="output_attentions=False"):
-        weights.size()
+        assert not isinstance(weights, DroppedRows) and weights.shape[0] == 16
+    assert seen == [16] * 5
     assert len(block.eval()(torch.randn(4, 5, D), output_attentions=True)) == 2
+
+
+def test_a_traceback_inside_a_derived_forward_shows_its_source_line():
+    """Issue 28, item 5: the generated code is registered with linecache, as torch.fx does."""
+    import traceback
+
+    from torch import nn
+
+    from droppath import accelerate
+
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop_path = nn.Linear(4, 4), nn.Identity()
+            self.broken = False
+
+        def forward(self, x):
+            h = self.lin(x)
+            if self.broken:
+                raise ValueError("inside the branch")
+            return x + self.drop_path(h.relu())
+
+    model = nn.Sequential(Fails())
+    accelerate(model, 0.5, rule="uniform")
+    model.train()(torch.randn(8, 4))  # checked: runs its derived forward from now on
+    assert model[0].__dict__.get("_droppath_verified")
+    model[0].broken = True
+    with pytest.raises(ValueError, match="inside the branch") as caught:
+        model(torch.randn(8, 4))
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    derived = [f for f in frames if f.filename.startswith("<droppath derived")]
+    assert derived, [f.filename for f in frames]
+    assert "raise ValueError('inside the branch')" in [f.line for f in derived]
+    source = type(model[0])._droppath_derived.source
+    assert all(f.line in source for f in derived)

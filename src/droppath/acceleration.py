@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from droppath._checks import STRATEGIES, check_choice, check_model, check_probability
@@ -139,14 +140,9 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     original = _base(block).forward
     state = block.__dict__
     derived = candidates[state.get(_CHOSEN, 0)]
-    if (
-        state.get(_FAILED)
-        or (
-            not _CHECK_NOW[0]
-            and all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites)
-        )
-        or by_products_asked(kwargs)  # attention weights of every sample: the block's own
-    ):
+    idle = all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites)
+    # attention weights asked for: every sample through the block's own forward
+    if state.get(_FAILED) or (idle and not _CHECK_NOW[0]) or by_products_asked(kwargs):
         return original(block, *args, **kwargs)
     if not state.get(_VERIFIED):
         reason = _choose(block, original, args, kwargs)
@@ -175,7 +171,8 @@ def _choose(block: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, 
     for i, derived in enumerate(block._droppath_candidates):
         for min_dims in (3, 2):
             state[GATHER] = min_dims
-            reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
+            with torch.set_grad_enabled(torch.is_grad_enabled() or _CHECK_NOW[0]):  # asked for
+                reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
             if reason is None:
                 return None
             if not reason:

@@ -8,6 +8,8 @@ library's way; the factory's code runs with the forward's own globals.
 from __future__ import annotations
 
 import ast
+import hashlib
+import linecache
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,11 +95,16 @@ def generate(cls: type, source: Source, body: list[ast.stmt], output: Output) ->
     fdef.name = "forward"
     module = _module(fdef, output.branches)
     text = ast.unparse(module)
-    filename = f"<droppath derived {cls.__module__}.{cls.__qualname__}.forward>"
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    filename = f"<droppath derived {cls.__module__}.{cls.__qualname__}.forward {digest}>"
     try:
-        code = compile(module, filename, "exec")
+        code = compile(text, filename, "exec")  # from its text: tracebacks show its lines
     except (SyntaxError, ValueError, TypeError) as error:
         raise DeriveError("rewrite", f"the generated code does not compile ({error})") from None
+    # registered as torch.fx registers its generated code: a traceback raised inside a derived
+    # forward shows the line, and inspect.getsource finds it (linecache keeps entries without a
+    # modification time)
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     factory_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
     make = types.FunctionType(factory_code, fn.__globals__)
     # its own code runs on the host under torch.compile, as drop_add_residual's step does: the

@@ -214,8 +214,9 @@ def _grads(out: Any, leaves: list[Tensor]) -> list[Tensor]:
 
 def cannot_tell(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a call's inputs cannot tell a derived forward from the original: fewer than 2
-    samples, inference mode or no gradients, tensors on the ``meta`` device or fake ones (a
-    shape or FLOP probe, a memory estimator under ``FakeTensorMode``)."""
+    samples, inference mode or no gradients (a probe's call; a check asked for, by
+    ``droppath.check`` or ``draw_ahead``'s eager run, enables them), tensors on the ``meta``
+    device or fake ones (a shape or FLOP probe, a memory estimator under ``FakeTensorMode``)."""
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         return True
     if _batch(args, kwargs) < 2:
