@@ -59,6 +59,32 @@ class TestConvert:
         new = convert(m)
         assert isinstance(new, DropPath) and new.scale_by_keep is False and not new.training
 
+    def test_keeps_the_library_class_and_its_rate_attribute(self):
+        """Issue 27, item 7: timm-style scripts test ``isinstance`` with the library's class and
+        set ``drop_prob``; both keep working on the replacement, under the library's name."""
+        import copy
+        import pickle
+
+        from stand_ins import StochasticDepth
+
+        model = convert(mixed_model())
+        timm, tv, hf = model[1][1], model[2], model[4]
+        for site, cls in ((timm, TimmDropPath), (tv, StochasticDepth), (hf, ConvNextDropPath)):
+            assert isinstance(site, cls) and isinstance(site, DropPath)
+            assert type(site).__name__ == cls.__name__
+            assert repr(site).startswith(f"{cls.__name__}(p=")  # droppath's settings shown
+            assert isinstance(copy.deepcopy(site), cls)
+            assert type(pickle.loads(pickle.dumps(site))) is type(site)
+        assert timm.drop_prob == 0.1 and hf.drop_prob == 0.3
+        timm.drop_prob = 0.0  # sets the rate the step reads
+        assert timm.p == 0.0 and timm.spec.p == 0.0
+        x = torch.randn(8, 4)
+        assert torch.equal(timm.train()(x), x)
+        with pytest.raises(ValueError, match=r"drop_prob must be a probability in \[0, 1\], got 2"):
+            hf.drop_prob = 2
+        assert hf.p == 0.3 and not hasattr(tv, "drop_prob")  # torchvision's rate is p already
+        assert model.state_dict().keys() == mixed_model().state_dict().keys()
+
 
 class TestSiteRates:
     def test_each_kind_of_site_is_read_and_set_where_its_library_keeps_the_rate(self):

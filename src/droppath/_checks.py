@@ -2,16 +2,19 @@
 
 Each check raises with one message shape: the argument's name, what is allowed, and what was
 received (``p must be a probability in [0, 1], got 1.5``).
+
+No torch import at the top: the command line's options are checked with these (``droppath
+train --help`` answers without loading torch); the two checks of tensors and models import it.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import fx, nn
+if TYPE_CHECKING:
+    from torch import nn
 
 MODES = ("row", "batch")
 STRATEGIES = ("auto", "subset", "mask")
@@ -69,6 +72,8 @@ def check_bucket(bucket: Any) -> int | None:
 
 def check_input(x: Any, batch_dim: int, name: str = "x") -> int:
     """Check a tensor argument and return ``batch_dim`` made non-negative."""
+    import torch  # loaded already wherever a tensor exists: a dictionary look-up
+
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
@@ -102,6 +107,9 @@ def check_model(model: Any, action: str) -> nn.Module:
     libraries' drop paths into graph nodes with their rates as constants, and its module tree no
     longer has the blocks that rates are counted by.
     """
+    import torch
+    from torch import fx, nn
+
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("model must be a Python nn.Module, got a TorchScript module")
     if not isinstance(model, nn.Module):

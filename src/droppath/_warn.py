@@ -9,15 +9,16 @@ line that called the model or the function. No torch import here: ``import dropp
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from types import FrameType
 
 __all__ = ["DropPathWarning", "warn"]
 
-# Frames of these packages are skipped, and of code that droppath generates (``accelerate``'s
-# derived forwards, compiled under file names such as "<droppath derived ...>").
-_INTERNAL = ("droppath", "torch")
+# The frames skipped: droppath's files, torch's, and the code droppath generates (accelerate's
+# derived forwards, compiled under file names such as "<droppath derived ...>"). By file, not by
+# module name: a doctest runs in a copy of the module's namespace.
 _GENERATED = "<droppath"
 
 
@@ -43,19 +44,26 @@ class DropPathWarning(UserWarning):
     """
 
 
-def _internal(frame: FrameType) -> bool:
-    if frame.f_code.co_filename.startswith(_GENERATED):
-        return True
-    package = str(frame.f_globals.get("__name__", "")).partition(".")[0]
-    return package in _INTERNAL
+def _folder(file: str) -> str:
+    return os.path.dirname(os.path.abspath(file)) + os.sep
+
+
+_OWN = _folder(__file__)  # this file sits in droppath/
+
+
+def _internal(frame: FrameType, folders: tuple[str, ...]) -> bool:
+    name = frame.f_code.co_filename
+    return name.startswith(_GENERATED) or os.path.abspath(name).startswith(folders)
 
 
 def warn(message: str) -> None:
-    """Warn with ``message`` as a ``DropPathWarning``, attributed to the caller's caller that
-    lies outside droppath and torch (the outermost frame if all of them lie inside)."""
+    """Warn with ``message`` as a ``DropPathWarning``, attributed to the first frame, from the
+    caller outward, that lies outside droppath and torch (the outermost one if none does)."""
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    folders = (_OWN, _folder(torch_file)) if torch_file else (_OWN,)
     frame = sys._getframe(1)
     level = 2  # warnings.warn's count for the frame that called this function
-    while _internal(frame) and frame.f_back is not None:
+    while _internal(frame, folders) and frame.f_back is not None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, DropPathWarning, stacklevel=level)

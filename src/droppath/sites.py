@@ -9,14 +9,16 @@ put no module for a rate of 0 (see ``empty_slots``).
 
 from __future__ import annotations
 
+import contextlib
 import re
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from droppath._checks import check_choice, check_model, check_probability
+from droppath._swap import mixed_class
+from droppath._warn import warn
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
 from droppath.rates import (
@@ -208,7 +210,7 @@ def check_reaches(model: nn.Module, p: Any, action: str) -> None:
     )
     if any(r > 0.0 for r in rates):
         raise ValueError(f"p={p!r} reaches no drop-path site: {found}")
-    warnings.warn(f"{found}; nothing was changed", UserWarning, stacklevel=3)
+    warn(f"{found}; nothing was changed")
 
 
 def fill_slots(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
@@ -319,39 +321,66 @@ def _plan(
     return sites, _resolve_rates(model, sites, p, rule)
 
 
+class _Converted(DropPath):
+    """``DropPath`` mixed with the class of the library module it replaced (``convert``)."""
+
+    __repr__ = nn.Module.__repr__  # not torchvision's own, which hides droppath's settings
+
+
+class _ConvertedDropProb(_Converted):
+    """For timm's and Hugging Face's: ``drop_prob`` is ``p`` (as timm-style scripts set it)."""
+
+    @property
+    def drop_prob(self) -> float:
+        return self.p
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self.p = check_probability(value, "drop_prob")
+
+
 def _replacement(module: nn.Module) -> DropPath | None:
     if isinstance(module, DropPath | Residual) or is_layer_drop_site(module):
         return None
     kind = _kind(module)
     if kind is None:
         return None
+    attrs: dict[str, Any] = vars(module)
     if kind == "drop_prob":  # timm and Hugging Face: per-sample, scaled by the keep rate
-        attrs: dict[str, Any] = vars(module)
         scale = attrs.get("scale_by_keep", True)
-        return DropPath(float(attrs["drop_prob"] or 0.0), scale_by_keep=bool(scale))
-    attrs = vars(module)
-    return DropPath(float(attrs["p"]), mode=str(attrs["mode"]))  # torchvision: scales when p < 1
+        new = DropPath(float(attrs["drop_prob"] or 0.0), scale_by_keep=bool(scale))
+        mixin: type = _ConvertedDropProb
+    else:  # torchvision: scales when p < 1
+        new, mixin = DropPath(float(attrs["p"]), mode=str(attrs["mode"])), _Converted
+    with contextlib.suppress(TypeError):  # a class that cannot be mixed (slots): DropPath alone
+        new.__class__ = mixed_class(mixin, type(module))  # still an instance of the library's
+    return new
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace timm's, torchvision's and Hugging Face's drop-path modules by ``droppath.DropPath``.
 
     Each replacement has the same rate, mode and scaling, so the model computes the same
-    distribution; everything else is left untouched. The model is changed in place and returned
-    (the replacement itself if ``model`` is such a module).
+    distribution; everything else is left untouched. A replacement is an instance of both
+    ``DropPath`` and the library's class, under its name (``isinstance(site, timm.layers.DropPath)``
+    holds), and timm's and Hugging Face's ``drop_prob`` is its ``p``, checked when set. The model
+    is changed in place and returned (the replacement itself if ``model`` is such a module).
 
     Examples:
         >>> from torch import nn
-        >>> from droppath import convert
+        >>> from droppath import DropPath, convert
         >>> class StochasticDepth(nn.Module):  # torchvision's class, as far as convert can tell
         ...     def __init__(self, p, mode):
         ...         super().__init__()
         ...         self.p, self.mode = p, mode
-        >>> convert(nn.Sequential(nn.Linear(2, 2), StochasticDepth(0.1, "row")))
+        >>> model = convert(nn.Sequential(nn.Linear(2, 2), StochasticDepth(0.1, "row")))
+        >>> model
         Sequential(
           (0): Linear(in_features=2, out_features=2, bias=True)
-          (1): DropPath(p=0.1, mode='row', batch_dim=0, scale_by_keep=True)
+          (1): StochasticDepth(p=0.1, mode='row', batch_dim=0, scale_by_keep=True)
         )
+        >>> isinstance(model[1], DropPath), isinstance(model[1], StochasticDepth)
+        (True, True)
     """
     check_model(model, "convert")
     return _convert(model)
@@ -368,6 +397,3 @@ def _convert(model: nn.Module) -> nn.Module:
         else:
             _convert(child)
     return model
-
-
-_REQUIRED: Any = object()

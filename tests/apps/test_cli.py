@@ -1,8 +1,18 @@
 """The command line: it answers --help without torch, parses each command's options, and the
 public names load. (The layering of library and applications: tests/test_architecture.py.)"""
 
+import pytest
 
-def test_help_answers_without_importing_torch():
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["--help"], ["bench", "train"]),  # the commands are listed
+        (["bench", "--help"], ["--kind", "--json"]),
+        (["train", "--help"], ["--time-rule", "pld", "--theta-bar", "--data-dir"]),  # issue 27
+    ],
+)
+def test_help_answers_without_importing_torch(args, shown):
     import subprocess
     import sys
 
@@ -10,13 +20,13 @@ def test_help_answers_without_importing_torch():
         "import sys\n"
         "from droppath.apps.cli import main\n"
         "try:\n"
-        "    main(['--help'])\n"
+        f"    main({args!r})\n"
         "except SystemExit:\n"
         "    pass\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "bench" in out.stdout and "train" in out.stdout  # the commands are listed
+    assert all(s in out.stdout for s in shown)
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 

@@ -1,9 +1,9 @@
-"""The command-line tools' progress bar (tqdm, on a terminal only)."""
+"""The command-line tools' progress: a bar (tqdm) on a terminal, a line per epoch elsewhere."""
 
 import io
 import sys
 
-from droppath.apps.progress import progress_bar
+from droppath.apps.progress import epoch_line, progress_bar
 
 
 class FakeTerminal(io.StringIO):
@@ -26,3 +26,15 @@ def test_off_when_not_a_terminal_or_disabled(monkeypatch):
     assert progress_bar(10, "x") is None
     monkeypatch.setattr(sys, "stderr", FakeTerminal())
     assert progress_bar(10, "x", enabled=False) is None
+
+
+def test_a_line_per_epoch_where_stderr_is_not_a_terminal(monkeypatch):
+    """Issue 27, item 11: under nohup, in a log file or a cluster job, a run shows it is alive."""
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    epoch_line("with_sd 2/10", {"train_loss": 0.123456, "epoch_time_s": 12.0})
+    assert log.getvalue() == "with_sd 2/10: train_loss 0.1235, epoch_time_s 12\n"
+    epoch_line("with_sd 3/10", {"train_loss": 0.1}, enabled=False)  # --no-progress, or rank 1
+    monkeypatch.setattr(sys, "stderr", FakeTerminal())
+    epoch_line("with_sd 3/10", {"train_loss": 0.1})  # the bar shows it there
+    assert sys.stderr.getvalue() == "" and log.getvalue().count("\n") == 1

@@ -36,6 +36,47 @@ def test_compare_run_writes_everything(tmp_path, capsys):
     assert not list(out.rglob(".*.tmp"))
 
 
+def test_a_line_per_epoch_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Issue 27, item 11: ``droppath train`` in a log file (capsys: not a terminal) prints one
+    line per epoch of each run, and ``--out`` makes missing folders (as ``bench --json``)."""
+    out = tmp_path / "new" / "deeper"
+    fast = [a for a in FAST if a != "--no-progress"]
+    assert main(["train", "--compare", "--epochs", "2", "--out", str(out), *fast]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "with_sd 1/2",
+        "without_sd 1/2",
+        "without_sd 2/2",  # first place alternates between the runs
+        "with_sd 2/2",
+    ]
+    assert all("train_loss " in line and "epoch_time_s " in line for line in lines)
+    assert (out / "results.md").exists()
+
+
+def _run(label, times):
+    history = [{"epoch_time_s": t, "test_acc": 0.9} for t in times]
+    return {"label": label, "p": 0.5, "history": history, "expected_depth": 4.0, "sites": 8}
+
+
+def test_results_say_when_epoch_times_are_too_noisy_for_the_ratio():
+    """Issue 27, item 11: a time ratio from epochs of 22 s to 1036 s is marked as unsupported;
+    steady epochs (one slow first epoch aside) are not."""
+    from droppath.apps.train import format_results
+    from droppath.apps.train.compare import NOISY_SPREAD, summary, time_spread
+
+    steady = [_run("with_sd", [9.0, 7.1, 7.0, 7.2]), _run("without_sd", [9.5, 9.1, 9.0, 9.2])]
+    assert "noisy" not in format_results(steady)
+    loaded = [_run("with_sd", [22.0, 30.0, 400.0, 1036.0]), _run("without_sd", [25, 24, 26, 25])]
+    text = format_results(loaded)
+    table, note = text.split("\n\n")
+    assert table.count("\n") == 3 and "| with_sd | 0.5 |" in table
+    assert note.startswith("The epoch times are too noisy to support the time ratio: ")
+    assert "with_sd's took 22 s to 1.04e+03 s (spread 88%)" in note and "without_sd's" not in note
+    assert summary(loaded[0])["epoch_time_spread"] == time_spread([22.0, 30.0, 400.0, 1036.0])
+    assert time_spread([1.0, 1.2]) < NOISY_SPREAD < time_spread([1.0, 1.25])  # two epochs
+    assert "noisy" not in format_results(loaded[:1])  # one run: no ratio to doubt
+
+
 def test_learns_digits(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--epochs", "8", "--lr", "0.1", "--out", str(out), *FAST]) == 0
@@ -79,35 +120,51 @@ def test_resume_gives_the_same_weights(tmp_path, mode):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "lenet"], "model must be one of 'resnet', 'vit', got 'lenet'"),
-        (["-p", "1.5"], "p must be a probability in [0, 1], got 1.5"),
+        (["--model", "lenet"], "--model must be one of 'resnet', 'vit', got 'lenet'"),
+        (["-p", "1.5"], "-p must be a probability in [0, 1], got 1.5"),
         (
             ["--data", "imagenet"],
-            "data must be one of 'digits', 'cifar10', 'folder', got 'imagenet'",
+            "--data must be one of 'digits', 'cifar10', 'folder', got 'imagenet'",
         ),
-        (["--depth", "21"], "depth must be 6n + 2"),
-        (["--time-rule", "warmup"], "time_rule='warmup' needs the option(s) warmup_steps"),
+        (["--depth", "21"], "--depth must be 6n + 2 for --model resnet (20, 56, 110...), got 21"),
+        (["--time-rule", "warmup"], "--time-rule warmup needs --warmup-steps"),
+        (["--time-rule", "pld", "--gamma", "0.1"], "--time-rule pld needs --theta-bar"),
+        (["--time-rule", "pld"], "--time-rule pld needs --theta-bar, --gamma"),
         (["--time-rule", "late", "--warmup-steps", "3"], "--warmup-steps is not an option of"),
-        (["--mode", "layer"], "mode must be one of 'row', 'batch', got 'layer'"),
-        (["--data", "cifar10"], "data 'cifar10' needs data_dir, the folder that holds it"),
-        (["--data", "cifar10", "--data-dir", "/nonexistent/x"], "data folder not found"),
+        (["--time-rule", "hourly"], "--time-rule must be one of 'constant', 'warmup'"),
+        (["--mode", "layer"], "--mode must be one of 'row', 'batch', got 'layer'"),
+        (["--data", "cifar10"], "--data cifar10 needs --data-dir, the folder that holds it"),
+        (["--data", "folder"], "--data folder needs --data-dir, the folder that holds it"),
+        (
+            ["--data", "cifar10", "--data-dir", "/nonexistent/x"],
+            "--data-dir must be a folder, got '/nonexistent/x' (not found)",
+        ),
         (
             ["--time-rule", "warmup", "--warmup-steps", "-5"],
-            "warmup_steps must be an int >= 1, got -5",
+            "--warmup-steps must be an int >= 1, got -5",
         ),
         (
             ["--time-rule", "pld", "--theta-bar", "2", "--gamma", "0.1"],
-            "theta_bar must be a probability in [0, 1], got 2.0",
+            "--theta-bar must be a probability in [0, 1], got 2.0",
         ),
-        (["--threads", "-1"], "threads must be an int >= 1, got -1"),
-        (["--image-size", "0"], "image_size must be an int >= 1, got 0"),
-        (["--mode", "batch", "--strategy", "subset"], "strategy applies to mode 'row' only"),
-        (["--data-dir", "/tmp"], "data_dir is for data 'cifar10' or 'folder'"),
-        (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
-        (["--resume"], "resume found no checkpoint at"),
+        (["--threads", "-1"], "--threads must be an int >= 1, got -1"),
+        (["--image-size", "0"], "--image-size must be an int >= 1, got 0"),
+        (
+            ["--mode", "batch", "--strategy", "subset"],
+            "--strategy applies to --mode row only, got --strategy subset with --mode batch",
+        ),
+        (
+            ["--data-dir", "/tmp"],
+            "--data-dir is for --data cifar10 or --data folder, got one with --data digits",
+        ),
+        (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--resume"], "--resume found no checkpoint at"),
+        (["--resume"], "run without --resume to start fresh"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
+    """A mistake is one line that names the flags the user typed (issue 27, item 11), not the
+    settings of the config behind them."""
     out = tmp_path / "out"
     assert main(["train", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -121,7 +178,7 @@ def test_unwritable_output(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", "--out", str(blocker / "sub"), *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "out must be a writable folder" in err[0]
+    assert len(err) == 1 and "error: --out must be a writable folder" in err[0]
 
 
 def test_cli_subprocess_prints_no_traceback(tmp_path):
@@ -132,7 +189,7 @@ def test_cli_subprocess_prints_no_traceback(tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (
-        r.stderr.strip() == "droppath train: error: model must be one of 'resnet', 'vit', got 'x'"
+        r.stderr.strip() == "droppath train: error: --model must be one of 'resnet', 'vit', got 'x'"
     )
 
 
@@ -348,13 +405,19 @@ def test_every_time_rule_option_has_its_flag():
     from droppath.scheduler import TIME_RULE_TABLE
 
     parser = build_parser()
+
+    def given(option):
+        cli_type = TIME_RULE_FLAGS[option.name][0]
+        value = {int: "1", float: "0.5", str: "linear"}[cli_type]
+        return [f"--{option.name.replace('_', '-')}", value], cli_type(value)
+
     for rule in TIME_RULE_TABLE.values():
-        for option in rule.options:
-            cli_type = TIME_RULE_FLAGS[option.name][0]
-            value = {int: "1", float: "0.5", str: "linear"}[cli_type]
-            flag = f"--{option.name.replace('_', '-')}"
-            ns = parser.parse_args(["train", "--time-rule", rule.name, flag, value])
-            assert _rule_options_from_flags(ns) == {option.name: cli_type(value)}
+        required = [o for o in rule.options if o.required]
+        for option in rule.options:  # with the options the rule needs (missing ones: an error)
+            args = [a for o in {*required, option} for a in given(o)[0]]
+            ns = parser.parse_args(["train", "--time-rule", rule.name, *args])
+            got = _rule_options_from_flags(ns)
+            assert got == {o.name: given(o)[1] for o in {*required, option}}
     ns = parser.parse_args(
         ["train", "--time-rule", "early", "--cutoff-step", "3", "--shape", "constant"]
     )
@@ -412,7 +475,12 @@ def test_previous_run_needs_overwrite(tmp_path, capsys):
     assert main(["train", "--compare", "--epochs", "1", "--out", str(out), *FAST]) == 0
     capsys.readouterr()
     before = _tree(out)
-    _one_line_error(capsys, ["--epochs", "1", "--out", str(out), *FAST], "holds a previous run")
+    _one_line_error(
+        capsys,
+        ["--epochs", "1", "--out", str(out), *FAST],
+        f"--out {out} holds a previous run (results.json, with_sd/checkpoint.pt, "
+        "without_sd/checkpoint.pt): continue it with --resume, or replace it with --overwrite",
+    )
     assert _tree(out) == before
     assert main(["train", "--epochs", "1", "--overwrite", "--out", str(out), *FAST]) == 0
     assert not (out / "without_sd" / "checkpoint.pt").exists()  # the other run's stale files go

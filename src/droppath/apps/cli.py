@@ -1,7 +1,8 @@
 """The ``droppath`` command: ``droppath bench`` and ``droppath train``.
 
 Each command is a module of ``droppath.apps.commands``. A user mistake (a bad option value, a
-missing data folder) prints one line and exits with 2; tracebacks are left for bugs.
+missing data folder) prints one line, naming the flags (``as_flags``), and exits with 2;
+tracebacks are left for bugs. ``--help`` imports no torch: the commands load it when they run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from droppath.apps.commands import COMMANDS, UsageError
+from droppath.apps.commands import COMMANDS, UsageError, as_flags
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -38,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = ns.handler(ns)
         return code
     except UsageError as e:
-        print(f"droppath {ns.command}: error: {e}", file=sys.stderr)
+        message = as_flags(str(e), getattr(ns, "flags", {}))
+        print(f"droppath {ns.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -104,7 +104,7 @@ def load_digits() -> Dataset:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:
         raise DataError(
-            "data 'digits' needs scikit-learn, which droppath's train extra installs: "
+            "data='digits' needs scikit-learn, which droppath's train extra installs: "
             "pip install 'droppath[train]'"
         ) from None
 
@@ -145,7 +145,7 @@ def load_cifar10(root: str | Path) -> Dataset:
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data_dir must be a folder, got {str(root)!r} (not found)")
     parts = [_cifar_batch(root / f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = _cifar_batch(root / "test_batch")
     x_train = torch.cat([p[0] for p in parts])
@@ -174,7 +174,7 @@ def load_image_folder(root: str | Path, image_size: int = 32, seed: int = 0) -> 
         raise DataError("reading an image folder needs Pillow: pip install pillow") from None
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data_dir must be a folder, got {str(root)!r} (not found)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
     if len(class_dirs) < 2:
         raise DataError(f"{root} needs at least two class sub-folders, found {len(class_dirs)}")
@@ -204,7 +204,7 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int = 32) -
     if check_choice(name, "data", DATASETS) == "digits":
         return load_digits()
     if not data_dir:
-        raise DataError(f"data {name!r} needs data_dir, the folder that holds it")
+        raise DataError(f"data={name!r} needs data_dir, the folder that holds it")
     if name == "cifar10":
         return load_cifar10(data_dir)
     return load_image_folder(data_dir, image_size)

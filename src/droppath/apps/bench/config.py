@@ -76,21 +76,22 @@ class BenchConfig:
             self.width = {"conv": 16, "llama": 256}.get(self.kind, 192)
         self.depth = check_positive_int(self.depth, "depth")
         if self.kind == "conv" and self.depth % 3:
-            raise ValueError(f"depth must be a multiple of 3 for kind 'conv', got {self.depth}")
+            raise ValueError(f"depth must be a multiple of 3 for kind='conv', got {self.depth}")
         self.width = check_positive_int(self.width, "width")
         llama = self.kind == "llama"
-        self.batch = check_positive_int(self.batch or (16 if llama else 64), "batch")
-        self.tokens = check_positive_int(self.tokens or (128 if llama else 32), "tokens")
+        # None takes the default; any other value is checked (0 is refused, not replaced)
+        self.batch = check_positive_int(_given(self.batch, 16 if llama else 64), "batch")
+        self.tokens = check_positive_int(_given(self.tokens, 128 if llama else 32), "tokens")
         self.bucket = check_bucket(self.bucket)
         if self.channels_last and self.kind != "conv":
             raise ValueError(
-                f"channels_last applies to kind 'conv' or a library model, got kind {self.kind!r}"
+                f"channels_last applies to kind='conv' or a library model, got kind={self.kind!r}"
             )
         heads = max(1, self.width // 64)
         if self.kind in ("attn", "vit", "llama") and self.width % heads:
             raise ValueError(
-                f"width must be a multiple of the {heads} attention heads (width // 64) for kind "
-                f"{self.kind!r}, got {self.width}"
+                f"width must be a multiple of the {heads} attention heads (width // 64) for "
+                f"kind={self.kind!r}, got {self.width}"
             )
 
     def _check_model(self) -> None:
@@ -122,8 +123,12 @@ class BenchConfig:
                 f"and rates), got with model={self.model!r}"
             )
         self.kind = "model"
-        self.batch = check_positive_int(self.batch or 32, "batch")
-        self.image = check_positive_int(self.image or 96, "image")
+        self.batch = check_positive_int(_given(self.batch, 32), "batch")
+        self.image = check_positive_int(_given(self.image, 96), "image")
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def check_device(device: str) -> torch.device:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from droppath.apps.commands import COMMANDS, UsageError, config_from_args
+from droppath.apps.commands import COMMANDS, UsageError, config_from_args, option_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -100,9 +100,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="also time row subset with batch sizes padded to a multiple of BUCKET",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON (missing folders are made)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, flags=option_flags(p))
 
 
 def run(ns: Any) -> int:
@@ -120,9 +125,16 @@ def run(ns: Any) -> int:
         device = check_device(ns.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if ns.json:  # checked before the work, not after it
+    if ns.json:  # checked before the work, not after it; missing folders made, as train --out
         folder = Path(ns.json).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = f" ({e.strerror})" if e.strerror else ""
+            raise UsageError(
+                f"--json must be a path in a writable folder, got {ns.json!r}{why}"
+            ) from None
+        if not os.access(folder, os.W_OK):
             raise UsageError(f"--json must be a path in a writable folder, got {ns.json!r}")
     cfg = config_from_args(BenchConfig, ns)
     try:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
-from droppath.apps.commands import COMMANDS, UsageError, config_from_args
-from droppath.apps.data import DataError
-from droppath.apps.train import TrainConfig, train
+from droppath._time_rules import TIME_RULE_TABLE, TIME_RULES, RuleOption
+from droppath.apps.commands import COMMANDS, UsageError, config_from_args, option_flags
+from droppath.apps.train.config import TrainConfig
 from droppath.rates import DEPTH_RULES
-from droppath.scheduler import TIME_RULE_TABLE, TIME_RULES, RuleOption
 
-# The flags of the time rules' options (droppath.scheduler.TIME_RULE_TABLE): each option's type
+# The flags of the time rules' options (droppath._time_rules.TIME_RULE_TABLE): each option's type
 # and what it is; the flag is "--" + the name with dashes, and its help adds the rules that take
 # it and its default, from the table.
 TIME_RULE_FLAGS: dict[str, tuple[type, str]] = {
@@ -37,7 +37,8 @@ def _flag_help(option: RuleOption) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``droppath train`` to the command line."""
-    d = TrainConfig()
+    # the defaults, read from the fields: building a config would check it, and load torch
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
     p = sub.add_parser(
         "train",
         help=COMMANDS["train"],
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     a("--lr", type=float, default=d.lr, help=f"SGD learning rate, cosine decay (default: {d.lr})")
     a("--seed", type=int, default=d.seed, help="seed (default: 0)")
-    a("--out", default=d.out, help=f"output folder (default: {d.out})")
+    a("--out", default=d.out, help=f"output folder, made if missing (default: {d.out})")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--compare", action="store_true", help="also train without stochastic depth and compare")
     a("--data", default=d.data, help="digits (bundled), cifar10 or folder (default: digits)")
@@ -108,24 +109,39 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="torch.use_deterministic_algorithms: a run, resumed or not, gives the same weights "
         "(strategy auto then takes the subset everywhere, measuring nothing)",
     )
-    a("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
+    a(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (on a terminal) and no line per epoch (elsewhere)",
+    )
+    p.set_defaults(handler=run, flags=option_flags(p))
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
 
 
 def _rule_options_from_flags(ns: argparse.Namespace) -> dict[str, Any]:
-    """The time rule's options from their flags; a flag of another rule is an error."""
+    """The time rule's options from their flags; a flag of another rule is an error, and so is
+    a missing one that the rule needs (both named as flags, from the rules' table)."""
     given = {n: getattr(ns, n) for n in time_rule_options() if getattr(ns, n, None) is not None}
     rule = TIME_RULE_TABLE.get(ns.time_rule)
-    allowed = {o.name for o in rule.options} if rule else set(given)
-    stray = sorted(set(given) - allowed)
+    if rule is None:  # an unknown rule: the config names it, with the rules there are
+        return given
+    stray = sorted(set(given) - {o.name for o in rule.options})
     if stray:
-        flags = ", ".join("--" + n.replace("_", "-") for n in stray)
-        raise UsageError(f"{flags} is not an option of --time-rule {ns.time_rule}")
+        raise UsageError(f"{_flags(stray)} is not an option of --time-rule {ns.time_rule}")
+    missing = [o.name for o in rule.options if o.required and o.name not in given]
+    if missing:
+        raise UsageError(f"--time-rule {ns.time_rule} needs {_flags(missing)}")
     return given
 
 
 def run(ns: argparse.Namespace) -> int:
     """Build the config from the options and train; data problems become one-line errors."""
+    from droppath.apps.data import DataError  # here: torch loads when the command runs
+    from droppath.apps.train import train
+
     options = _rule_options_from_flags(ns)
     cfg = config_from_args(TrainConfig, ns, progress=not ns.no_progress, rule_options=options)
     try:

@@ -12,8 +12,27 @@ side: ``train``).
 
 from __future__ import annotations
 
-from droppath.apps.train.compare import format_results, train
-from droppath.apps.train.config import TrainConfig
-from droppath.apps.train.run import Run
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names load on first use (PEP 562), so that ``droppath train --help`` reads ``config``
+# without importing torch, which ``run`` and ``compare`` need.
+_EXPORTS = {
+    "Run": "droppath.apps.train.run",
+    "TrainConfig": "droppath.apps.train.config",
+    "format_results": "droppath.apps.train.compare",
+    "train": "droppath.apps.train.compare",
+}
 
 __all__ = ["Run", "TrainConfig", "format_results", "train"]
+
+if TYPE_CHECKING:
+    from droppath.apps.train.compare import format_results, train
+    from droppath.apps.train.config import TrainConfig
+    from droppath.apps.train.run import Run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'droppath.apps.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -84,8 +84,8 @@ def check_fresh(out: Path, plan: list[str]) -> None:
     found = [str(p.relative_to(out)) for p in old if p.exists()]
     if found:
         raise DataError(
-            f"out {str(out)!r} holds a previous run ({', '.join(found)}): resume it, or "
-            "overwrite it"
+            f"out={str(out)!r} holds a previous run ({', '.join(found)}): continue it with "
+            "resume=True, or replace it with overwrite=True"
         )
 
 

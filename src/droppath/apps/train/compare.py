@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,24 +23,68 @@ from droppath.apps.train.distributed import destroy_distributed, init_distribute
 from droppath.apps.train.plotting import plot
 from droppath.apps.train.run import Run
 
-__all__ = ["format_results", "summary", "train"]
+__all__ = ["NOISY_SPREAD", "format_results", "summary", "time_spread", "train"]
+
+# Above this spread (``time_spread``) of a run's epoch times, results.md says that the time
+# ratio is not supported: the medians it divides could each be off by about that much.
+NOISY_SPREAD = 0.10
+
+
+def time_spread(times: Sequence[float]) -> float:
+    """How much a run's epoch times vary: their median absolute deviation over their median
+    (0 for fewer than two). Robust, like the median it qualifies: one slow epoch among many
+    (a first, compiling epoch) moves neither; times that wander with the machine's load do.
+
+    Examples:
+        >>> round(time_spread([2.0, 2.1, 1.9, 2.0, 6.0]), 2)  # one slow epoch: the median holds
+        0.05
+        >>> round(time_spread([22.0, 30.0, 400.0, 1036.0]), 2)  # a loaded machine
+        0.88
+    """
+    if len(times) < 2:
+        return 0.0
+    middle = statistics.median(times)
+    deviation = statistics.median(abs(t - middle) for t in times)
+    return deviation / middle if middle > 0 else 0.0
 
 
 def summary(run: dict[str, Any]) -> dict[str, float]:
-    """A run's result in a few numbers: its last test accuracy, its median time per epoch."""
+    """A run's result in a few numbers: its last test accuracy, its median time per epoch and
+    how much its epoch times vary (``time_spread``)."""
     h = run["history"]
     times = [e["epoch_time_s"] for e in h]
     return {
         "p": run["p"],
         "test_acc": h[-1]["test_acc"] if h else float("nan"),
         "epoch_time_s": statistics.median(times) if times else float("nan"),
+        "epoch_time_spread": time_spread(times),
         "expected_depth": run["expected_depth"],
         "blocks": run["sites"],
     }
 
 
+def _noise_note(runs: list[dict[str, Any]], rows: list[dict[str, float]]) -> str:
+    """The sentence under the table when the epoch times are too noisy for the time ratio."""
+    noisy = [
+        f"{run['label']}'s took {min(times):.3g} s to {max(times):.3g} s (spread "
+        f"{s['epoch_time_spread']:.0%})"
+        for run, s in zip(runs, rows, strict=True)
+        if s["epoch_time_spread"] > NOISY_SPREAD
+        for times in [[e["epoch_time_s"] for e in run["history"]]]
+    ]
+    if len(runs) < 2 or not noisy:
+        return ""
+    return (
+        f"The epoch times are too noisy to support the time ratio: {'; '.join(noisy)}. The "
+        f"spread is the median absolute deviation over the median; above {NOISY_SPREAD:.0%} "
+        "the medians the ratio divides are uncertain by about as much. Run again on a quieter "
+        "machine, or with more epochs."
+    )
+
+
 def format_results(runs: list[dict[str, Any]]) -> str:
-    """The runs side by side as a Markdown table; time ratios to the last run."""
+    """The runs side by side as a Markdown table; time ratios to the last run, and a note under
+    the table when a run's epoch times vary too much to support them (``NOISY_SPREAD``)."""
     rows = [summary(r) for r in runs]
     lines = [
         "| run | p | test accuracy | time per epoch (s, median) | time ratio | expected depth |",
@@ -54,7 +99,8 @@ def format_results(runs: list[dict[str, Any]]) -> str:
             f"| {run['label']} | {s['p']:g} | {s['test_acc']:.4f} | {s['epoch_time_s']:.3f} | "
             f"{s['epoch_time_s'] / base:.3f} | {depth} |"
         )
-    return "\n".join(lines)
+    note = _noise_note(runs, rows)
+    return "\n".join([*lines, "", note] if note else lines)
 
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from droppath._checks import MODES, STRATEGIES, check_choice, check_positive_int, check_probability
-from droppath.apps.data import DATASETS
-from droppath.models.registry import MODEL_NAMES
+from droppath._time_rules import TIME_RULES, check_time_options
 from droppath.rates import DEPTH_RULES
-from droppath.scheduler import TIME_RULES, check_time_options
 
 __all__ = ["TrainConfig"]
 
@@ -46,6 +44,10 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        # here, not at the top: both load torch, and ``droppath train --help`` reads the defaults
+        from droppath.apps.data import DATASETS
+        from droppath.models.registry import MODEL_NAMES
+
         check_choice(self.model, "model", MODEL_NAMES)
         if self.p is None:
             self.p = 0.5 if self.model == "resnet" else 0.1
@@ -63,7 +65,7 @@ class TrainConfig:
             self.depth = check_positive_int(self.depth, "depth")
             if self.model == "resnet" and (self.depth - 2) % 6:
                 raise ValueError(
-                    f"depth must be 6n + 2 for resnet (20, 56, 110...), got {self.depth}"
+                    f"depth must be 6n + 2 for model='resnet' (20, 56, 110...), got {self.depth}"
                 )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a number > 0, got {self.lr}")
@@ -74,13 +76,16 @@ class TrainConfig:
         self.image_size = check_positive_int(self.image_size, "image_size")
         if self.mode == "batch" and self.strategy != "auto":
             raise ValueError(
-                f"strategy applies to mode 'row' only, got strategy={self.strategy!r} with "
+                f"strategy applies to mode='row' only, got strategy={self.strategy!r} with "
                 "mode='batch'"
             )
         if self.data_dir is not None and self.data == "digits":
             raise ValueError(
-                "data_dir is for data 'cifar10' or 'folder', got one with data 'digits' (bundled)"
+                "data_dir is for data='cifar10' or data='folder', got one with data='digits' "
+                "(bundled)"
             )
+        if self.data_dir is None and self.data != "digits":
+            raise ValueError(f"data={self.data!r} needs data_dir, the folder that holds it")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other, got both")
         self.rule_options = check_time_options(self.time_rule, dict(self.rule_options))

@@ -14,7 +14,7 @@ from torch import nn
 
 from droppath import get_rng_state, set_rng_state
 from droppath.apps.data import DataError
-from droppath.apps.progress import progress_bar
+from droppath.apps.progress import epoch_line, progress_bar
 from droppath.apps.train.checkpointing import (
     CHECKPOINT,
     atomic_save,
@@ -183,7 +183,8 @@ class Run:
         path = self.folder / CHECKPOINT
         if not path.is_file():
             raise DataError(
-                f"resume found no checkpoint at {str(path)!r}: run without resume to start fresh"
+                f"resume found no checkpoint at {str(path)!r}: run without resume=True to start "
+                "fresh"
             )
         try:
             state = torch.load(path, map_location=self.dist.device, weights_only=True)
@@ -205,7 +206,8 @@ class Run:
         self.loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # epoch e's order, resumed or not
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        train_stats = self._train_steps(f"{self.label} {epoch + 1}/{cfg.epochs}")
+        label = f"{self.label} {epoch + 1}/{cfg.epochs}"
+        train_stats = self._train_steps(label)
         x_test = self.data.x_test.to(dist.device)
         y_test = self.data.y_test.to(dist.device)
         test_loss, test_acc = _evaluate(self.model, x_test, y_test, 256)
@@ -224,6 +226,9 @@ class Run:
             with interrupt_deferred():  # Ctrl-C waits: the three files always agree
                 atomic_save(self.state_dict(), self.folder / CHECKPOINT)
                 write_metrics(self.folder, self.history)
+        shown = ("train_loss", "train_acc", "test_acc", "epoch_time_s", "rows_per_s")
+        stats = {k: self.history[-1][k] for k in shown}
+        epoch_line(label, stats, cfg.progress and dist.main)  # where no bar is drawn
 
     def _train_steps(self, label: str) -> dict[str, float]:
         """One pass over the training batches; the epoch's loss, accuracy and speed."""
