@@ -25,6 +25,7 @@ they always did.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,8 +96,10 @@ _SEEDINGS = [0]  # the streams this process has seeded: the store key of the nex
 
 
 def _token() -> Any:
-    """What identifies the default process group (a new one is a new run of the stream)."""
-    return torch.distributed.distributed_c10d._get_default_group()
+    """What identifies the default process group (a new one is a new run of the stream): a weak
+    reference, so that the stream never keeps a destroyed group alive (its destructor at exit
+    aborts the process)."""
+    return weakref.ref(torch.distributed.distributed_c10d._get_default_group())
 
 
 def _shared_seed(rank: int) -> int:
@@ -111,7 +114,7 @@ def _shared_seed(rank: int) -> int:
 
 def _stream(rank: int) -> _Stream:
     stream, token = _STREAM[0], _token()
-    if stream is None or stream.token is not token:
+    if stream is None or stream.token() is not token():
         seed = _shared_seed(rank)
         stream = _Stream(token, seed, torch.Generator().manual_seed(seed))
         _STREAM[0] = stream
