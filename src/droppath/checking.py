@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from droppath._checks import check_model
+from droppath._engine import DropBase
 from droppath._engine.ranks import get_rng_state, set_rng_state
 from droppath.acceleration import accelerated_blocks, check_states, checking_now, recheck
+from droppath.sites import drop_path_sites
 
 __all__ = ["check"]
 
@@ -20,9 +22,11 @@ def check(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
     Otherwise each block checks its derived forward on its first training call, inside the first
     step (per rank, after DDP or FSDP has wrapped the model; never, at a batch of one per rank).
     ``check`` runs one training forward of ``model`` on ``model(*args, **kwargs)`` with every
-    block checked, whatever its rates, and leaves nothing behind: buffers (BatchNorm statistics),
-    the random state, the training flag and the gradients are as they were. A block that failed
-    before is checked again. Call it before wrapping the model, with a batch of at least 2.
+    block checked, at rate 0 (it draws no decision), and leaves nothing behind: buffers
+    (BatchNorm statistics), the random state, the training flag and the gradients are as they
+    were. A block that failed before is checked again. Call it before wrapping the model (DDP,
+    FSDP: a block whose branch FSDP shards on its own cannot check itself inside a training
+    step), with a batch of at least 2.
 
     Args:
         model: a model that ``droppath.accelerate`` has rewritten.
@@ -53,15 +57,22 @@ def check(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
     blocks = accelerated_blocks(model)
     for block in blocks:
         recheck(block)
+    # at rate 0 (checked all the same): the forward draws nothing, so the random state and any
+    # recorder of the decisions see nothing of it
+    rates = [(site, site.p) for _, site in drop_path_sites(model) if isinstance(site, DropBase)]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cpu, ranks = torch.get_rng_state(), get_rng_state()
     devices = torch.cuda.get_rng_state_all() if torch.cuda.device_count() else None
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.train()
+        for site, _ in rates:
+            site.p = 0.0
         with torch.enable_grad(), checking_now():
             model(*args, **kwargs)
     finally:
+        for site, p in rates:
+            site.p = p
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():

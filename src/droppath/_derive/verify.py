@@ -10,6 +10,7 @@ written (``torch.autograd.grad``), and the random state is not touched.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,10 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from droppath._derive.ops import ForcedDrop
 from droppath._engine import eager
+from droppath._engine.ranks import sharded_inside
+from droppath._warn import warn
+
+_SHARDED_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 __all__ = ["cannot_tell", "unobserved", "verify"]
 
@@ -241,6 +246,15 @@ def verify(
     tell (``cannot_tell``): the check then waits for another call.
     """
     if cannot_tell(args, kwargs):
+        return None
+    if sharded_inside(block):  # FSDP's hooks inside: check with droppath.check before sharding
+        if block not in _SHARDED_WARNED:
+            _SHARDED_WARNED.add(block)
+            warn(
+                f"droppath.accelerate: {type(block).__qualname__} holds a module sharded by FSDP, "
+                "so it cannot check its derived forward inside a training step and runs its own "
+                "forward; call droppath.check(model, example_inputs) before sharding to check it"
+            )
         return None
     decide = _Decisions()
     with _checking(block, sites, decide), unobserved(block), torch.enable_grad():

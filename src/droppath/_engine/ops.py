@@ -138,7 +138,9 @@ def skip(base: Tensor, branch: Any) -> Tensor:
     receive zero gradients."""
     parameters = getattr(branch, "parameters", None)
     if callable(parameters) and _needs_touch():
-        params = [p for p in parameters() if p.requires_grad]
+        # not a DeepSpeed ZeRO-3 partition (an empty tensor outside its module's call, whose
+        # gradient it reduces at the full size): gates agree, so every rank skips it alike
+        params = [p for p in parameters() if p.requires_grad and not hasattr(p, "ds_id")]
         if params:
             out: Tensor = _TouchParams.apply(base, *params)  # type: ignore[no-untyped-call]
             return out

@@ -39,6 +39,7 @@ __all__ = [
     "group",
     "rank_rows",
     "set_rng_state",
+    "sharded_inside",
     "shared_gate",
 ]
 
@@ -212,15 +213,27 @@ def _flat_views(module: nn.Module) -> bool:
     )
 
 
+def sharded_inside(block: nn.Module) -> bool:
+    """Whether a module below ``block`` is sharded by FSDP (``fully_shard`` on a branch, say):
+    its parameters are gathered by hooks around its own calls and its gradients reduced by
+    hooks in the backward pass, so the block cannot be run again and differentiated inside a
+    training step (``accelerate``'s check) without upsetting them."""
+    fsdp = _fsdp_classes()
+    return any(isinstance(m, fsdp) for m in block.modules() if m is not block)
+
+
 def communicates(branch: Any) -> bool:
     """Whether calling ``branch`` may run a collective that every rank must run alike: it holds
     a ``SyncBatchNorm``, a module sharded by FSDP (``fully_shard``, ``FullyShardedDataParallel``),
-    a distributed tensor parameter, or an FSDP flat parameter's views. A branch that is not a
+    a distributed tensor parameter, a DeepSpeed ZeRO-3 partitioned parameter, or an FSDP flat
+    parameter's views. A branch that is not a
     module stands for its owner's (``modules()``)."""
     fsdp = _fsdp_classes()
     for m in _modules(branch):
         if isinstance(m, (nn.SyncBatchNorm, *fsdp)) or _flat_views(m):
             return True
-        if any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False)):
+        own = list(m.parameters(recurse=False))
+        # a distributed tensor (FSDP2, tensor parallel), a DeepSpeed ZeRO-3 partition
+        if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in own):
             return True
     return False
