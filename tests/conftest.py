@@ -9,6 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+# DeepSpeed (in the real extra) warns on stdout, when transformers imports it, that it found no
+# accelerator; told the CPU, it says nothing (what examples print is compared)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # Under pytest-xdist (pyproject's addopts), each worker gets its share of the cores for torch's
 # threads, and so do the processes its tests start. More threads than free cores and torch's
 # threads wait on each other: on this project's 2-core machine, with the other core busy, census

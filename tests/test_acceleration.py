@@ -358,3 +358,28 @@ def test_check_verifies_up_front_and_leaves_nothing_behind(monkeypatch):
     monkeypatch.setattr(acc, "verify", lambda *a, **k: "verify: output item 0 differs (planted)")
     states = check(model, torch.randn(8, 8))
     assert all(s == "failed: verify: output item 0 differs (planted)" for s in states.values())
+
+
+def test_a_block_adding_into_a_dropped_branch_in_place_trains():
+    """timm's ResNet blocks do ``x = self.drop_path(x); x += shortcut``: where every row is
+    dropped, the zeros that stand for the branch are a new tensor (with the skipped parameters'
+    zero gradients), which the block may change in place."""
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop_path = nn.Linear(8, 8), nn.Identity()
+
+        def forward(self, x):
+            shortcut = x
+            x = self.drop_path(self.lin(x))
+            x += shortcut
+            return x.relu_()
+
+    model = nn.Sequential(InPlace(), InPlace())
+    accelerate(model, 0.5, rule="uniform")
+    model.train()(torch.randn(8, 8)).sum().backward()  # checked
+    set_drop_rates(model, 1.0)
+    model.zero_grad()
+    model(torch.randn(8, 8, requires_grad=True)).sum().backward()
+    assert all(torch.equal(q.grad, torch.zeros_like(q)) for q in model.parameters())

@@ -29,9 +29,9 @@ from droppath._engine import (
     gather,
     host_side,
     scatter_add,
-    skip,
     skip_add,
     split,
+    zeros_for,
 )
 
 __all__ = [
@@ -309,7 +309,7 @@ def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int
         known[0][dim] = -1
     shape, dtype = known
     shape = [n if i == dim else s for i, s in enumerate(shape)]
-    return skip(ref.new_zeros(shape, dtype=dtype), branch)  # the parameters' zero gradients
+    return zeros_for(ref, shape, dtype, branch)  # with the parameters' zero gradients
 
 
 @eager

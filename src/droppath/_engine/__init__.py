@@ -39,6 +39,7 @@ from droppath._engine.ops import (
     scatter_add,
     skip,
     split,
+    zeros_for,
 )
 from droppath._engine.spec import ALL_SETTINGS, DropBase, DropSpec, masks
 from droppath._engine.step import Combine, Subset, Sum, mask_add, run, skip_add
@@ -74,4 +75,5 @@ __all__ = [
     "skip",
     "skip_add",
     "split",
+    "zeros_for",
 ]

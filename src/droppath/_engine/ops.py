@@ -130,20 +130,54 @@ def _needs_touch() -> bool:
     return torch.is_grad_enabled()
 
 
+class _ZerosTouching(torch.autograd.Function):
+    """A new tensor of zeros (not a view: the block may add into it in place) that gives zero
+    gradients to ``params``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, like: Tensor, shape: list[int], dtype: torch.dtype, *params: Tensor
+    ) -> Tensor:
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return like.new_zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta]
+        return (None, None, None, *zeros)
+
+
+def _touched(branch: Any) -> list[Tensor]:
+    """The parameters of ``branch`` that a skipped step gives zero gradients: those that need
+    one, but a DeepSpeed ZeRO-3 partition (an empty tensor outside its module's call, whose
+    gradient it reduces at the full size; gates agree, so every rank skips it alike)."""
+    parameters = getattr(branch, "parameters", None)
+    if not callable(parameters) or not _needs_touch():
+        return []
+    return [p for p in parameters() if p.requires_grad and not hasattr(p, "ds_id")]
+
+
+@eager
+def zeros_for(like: Tensor, shape: list[int], dtype: torch.dtype, branch: Any) -> Tensor:
+    """The output of a branch that ran on no row: zeros of ``shape``, a new tensor, with zero
+    gradients for the parameters of ``branch`` (see ``skip``)."""
+    params = _touched(branch)
+    if not params:
+        return like.new_zeros(shape, dtype=dtype)
+    out: Tensor = _ZerosTouching.apply(like, shape, dtype, *params)  # type: ignore[no-untyped-call]
+    return out
+
+
 @eager
 def skip(base: Tensor, branch: Any) -> Tensor:
     """A step whose branch is dropped for every sample: ``base``, the branch never called.
 
     Under DDP, the parameters of ``branch`` (a module, or any callable with ``parameters()``)
     receive zero gradients."""
-    parameters = getattr(branch, "parameters", None)
-    if callable(parameters) and _needs_touch():
-        # not a DeepSpeed ZeRO-3 partition (an empty tensor outside its module's call, whose
-        # gradient it reduces at the full size): gates agree, so every rank skips it alike
-        params = [p for p in parameters() if p.requires_grad and not hasattr(p, "ds_id")]
-        if params:
-            out: Tensor = _TouchParams.apply(base, *params)  # type: ignore[no-untyped-call]
-            return out
+    params = _touched(branch)
+    if params:
+        out: Tensor = _TouchParams.apply(base, *params)  # type: ignore[no-untyped-call]
+        return out
     return base
 
 
