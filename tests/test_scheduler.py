@@ -241,3 +241,17 @@ class TestStepTo:
         assert list(logged.values()) == [m.p for m in model] == sched.rates_at(5)
         schedule.at(2)  # a resumed or restarted trainer's step can be lower
         assert sched.last_step == 2 and [m.p for m in model] == sched.rates_at(2)
+
+
+def test_trainer_callbacks_log_sites_without_wrapper_segments():
+    """Lightning's fsdp strategy wraps the model (FSDP1's ``_fsdp_wrapped_module``): the callbacks
+    log each site under the name it has without the wrapper."""
+    from droppath import Residual
+    from droppath.integrations._common import ScheduleAtStep
+
+    inner = nn.Sequential(nn.Linear(4, 4), Residual(nn.Linear(4, 4), p=0.2))
+    model = nn.Module()
+    model._fsdp_wrapped_module = inner
+    schedule = ScheduleAtStep(0.2)
+    schedule.start(model)
+    assert list(schedule.at(0)) == ["drop_rate/1"]

@@ -11,6 +11,16 @@ from droppath.acceleration import check_states
 from droppath.scheduler import DropRateScheduler
 from droppath.sites import site_rate
 
+# The attributes under which wrappers hold the module they wrap: FSDP1's, activation
+# checkpointing's, torch.compile's. Logged names leave them out, so that a site is logged under
+# the same name with and without them (Lightning's "fsdp" strategy wraps the model).
+_WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _unwrapped(name: str) -> str:
+    """``name`` without the wrappers' segments."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPED)
+
 
 class ScheduleAtStep:
     """Builds a ``droppath.DropRateScheduler`` for a model when training starts, with the
@@ -43,7 +53,7 @@ class ScheduleAtStep:
         sched = self.scheduler
         if step != sched.last_step:
             sched.step_to(step)
-        logged = {f"drop_rate/{name}": site_rate(site) for name, site in sched.sites}
+        logged = {f"drop_rate/{_unwrapped(name)}": site_rate(site) for name, site in sched.sites}
         failed = sum(s.startswith("failed") for s in check_states(sched.model).values())
         if failed:
             logged["droppath/blocks_on_mask"] = float(failed)
