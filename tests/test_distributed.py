@@ -139,7 +139,14 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         torch.manual_seed(1 + rank)
         return _draw_many(0.5)
 
+    def compiled_mask():  # drop_path in one graph (fullgraph): the rank is a constant of it
+        torch.manual_seed(0)
+        f = torch.compile(lambda x: drop_path(x, 0.5), fullgraph=True, backend="eager")
+        ones = torch.ones(ROWS, 1)
+        return {"masks": torch.stack([f(ones)[:, 0] != 0 for _ in range(STEPS)])}
+
     scenario("same_seed", same_seed)
+    scenario("compiled_mask", compiled_mask)
     scenario("per_rank_seed", per_rank_seed)
 
     # 2. resume: the state saved after some draws gives the same later draws when restored
@@ -283,6 +290,11 @@ def _independent(a, b):
     ]
     assert fisher_exact(table).pvalue > 1e-4, table
     assert not torch.equal(a, b)
+
+
+def test_a_compiled_drop_path_keeps_independent_rows_across_ranks(ranks):
+    r0, r1 = _result(ranks, "compiled_mask")
+    _independent(r0["masks"].flatten(), r1["masks"].flatten())
 
 
 def test_decisions_are_restored_on_resume(ranks):
