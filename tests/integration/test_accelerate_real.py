@@ -14,7 +14,7 @@ import pickle
 
 import pytest
 import torch
-from real_models import BATCHNORM, MODELS, RULES, build, example, output
+from real_models import BATCHNORM, MODELS, RULES, _hf_config, build, example, output
 from torch import nn
 
 import droppath._engine.draws as draws_module
@@ -533,7 +533,9 @@ def test_attention_weights_in_training_cover_the_whole_batch(name):
     every sample, on the first call (the check's runs are not recorded) and after it (a call
     that asks for attention weights runs every sample through the branches)."""
     tf = require("transformers")
-    model = getattr(tf, name)(_hf_config_eager(tf, name))
+    config = _hf_config(name, 0.5)
+    config._attn_implementation = "eager"  # attention weights computed, not sdpa's
+    model = getattr(tf, name)(config)
     accelerate(model, 0.5, rule="uniform")
     model.train()
     x = torch.randn(8, 3, 32, 32)
@@ -545,18 +547,3 @@ def test_attention_weights_in_training_cover_the_whole_batch(name):
     from droppath.acceleration import check_states
 
     assert set(check_states(model).values()) == {"verified"}
-
-
-def _hf_config_eager(tf, name):
-    small = dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        drop_path_rate=0.5,
-    )
-    config = getattr(tf, name.replace("Model", "Config"))(**small)
-    config._attn_implementation = "eager"
-    return config
