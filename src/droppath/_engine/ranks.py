@@ -25,6 +25,7 @@ they always did.
 
 from __future__ import annotations
 
+import datetime
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -103,13 +104,27 @@ def _token() -> Any:
     return weakref.ref(torch.distributed.distributed_c10d._get_default_group())
 
 
+_WAIT = datetime.timedelta(minutes=5)  # for rank 0's seed, before saying why it has not come
+
+
 def _shared_seed(rank: int) -> int:
-    """Rank 0's ``torch.initial_seed()``, handed to every rank through the default store."""
+    """Rank 0's ``torch.initial_seed()``, handed to every rank through the default store: set by
+    rank 0 when it first draws a gate (or calls ``get_rng_state``), waited for by the others."""
     key = f"droppath/gate-seed/{_SEEDINGS[0]}"
     _SEEDINGS[0] += 1
     store = torch.distributed.distributed_c10d._get_default_store()
     if rank == 0:
         store.set(key, str(torch.initial_seed() & _MASK63))
+    else:
+        try:
+            store.wait([key], _WAIT)
+        except RuntimeError as error:  # a timeout: rank 0 never drew a gate
+            raise RuntimeError(
+                f"droppath: rank {rank} draws a batch-mode gate, but rank 0 has not drawn one in "
+                f"{_WAIT.seconds // 60} minutes (it holds no batch-mode site, in a pipeline, "
+                "say); call droppath.get_rng_state() on every rank once the process group is "
+                "initialized"
+            ) from error
     return int(store.get(key).decode())
 
 
