@@ -169,7 +169,7 @@ def _shape(reason: str) -> str:
 def _account(row: Family, model: nn.Module, report: Any) -> None:
     failed = {}
     for name, m in model.named_modules():
-        reason = m.__dict__.get("_droppath_failed")
+        reason = getattr(getattr(m, "_droppath_state", None), "failed", "")
         if reason:
             failed[name] = reason
     runs: Counter[str] = Counter()

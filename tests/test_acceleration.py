@@ -247,7 +247,7 @@ def test_a_skipped_branch_gets_zero_gradients_in_one_process(mode):
     for b in model:
         b.drop_path1.mode = b.drop_path2.mode = mode
     model.train()(torch.randn(8, 8)).sum().backward()  # the check runs on this first call
-    assert all(b.__dict__.get("_droppath_verified") for b in model)
+    assert all(b._droppath_state.verified for b in model)
     set_drop_rates(model, 1.0)  # every branch skipped from now on
     model.zero_grad(set_to_none=True)
     model(torch.randn(8, 8)).sum().backward()
@@ -383,3 +383,21 @@ def test_a_block_adding_into_a_dropped_branch_in_place_trains():
     model.zero_grad()
     model(torch.randn(8, 8, requires_grad=True)).sum().backward()
     assert all(torch.equal(q.grad, torch.zeros_like(q)) for q in model.parameters())
+
+
+def test_a_block_keeps_its_state_in_one_object_through_copies():
+    """Issue 28, item 3: one state object per accelerated block (no keys in ``__dict__``, no
+    global switch), carried by deepcopy and pickle: a copy has the same class and parameters."""
+    from droppath._derive.state import BlockState
+
+    model = _model((0.3, 0.3))
+    accelerate(model)
+    model.train()(torch.randn(8, 8))
+    assert isinstance(model[0]._droppath_state, BlockState) and model[0]._droppath_state.verified
+    assert not [
+        k for b in model for k in vars(b) if k.startswith("_droppath_") and k != "_droppath_state"
+    ]
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(b._droppath_state.verified for b in twin)
+        assert twin[0]._droppath_state is not model[0]._droppath_state
+        twin(torch.randn(8, 8))

@@ -288,7 +288,7 @@ def test_accelerated_block_takes_the_same_step(block):
         out_b, gx_b = _net_step(ahead, x, bias, seed)
         torch.testing.assert_close(out_a, out_b)
         torch.testing.assert_close(gx_a, gx_b)
-    assert ahead.blocks[0].__dict__["_droppath_verified"]
+    assert ahead.blocks[0]._droppath_state.verified
     assert ahead.blocks[0].drop_path._ahead is not None
     for a, b in zip(_grads(plain), _grads(ahead)):
         torch.testing.assert_close(a, b)

@@ -258,9 +258,9 @@ def test_every_form_is_rewritten_verified_and_skips_work(cls):
             args = _inputs(cls)
             out = block(*args)
             out.float().sum().backward()
-    assert block.__dict__.get("_droppath_verified") is True
-    assert "_droppath_failed" not in block.__dict__
-    assert block.__dict__["_droppath_gather"] == (2 if cls is Mask2D else 3)
+    assert block._droppath_state.verified is True
+    assert not block._droppath_state.failed
+    assert block._droppath_state.gather == (2 if cls is Mask2D else 3)
     # the verification ran the branch on 16 rows and on the kept ones; training on kept rows only
     trained = seen[2:]
     assert any(n < 16 for n in trained), seen
@@ -304,7 +304,7 @@ def test_a_branch_that_is_not_row_wise_fails_verification_and_stays_on_the_mask(
     x = torch.randn(16, D)
     with pytest.warns(UserWarning, match="BiasAfter stays on the mask .verify: output"):
         block(x)
-    assert block.__dict__["_droppath_failed"].startswith("verify: output")
+    assert block._droppath_state.failed.startswith("verify: output")
     block(x).sum().backward()  # the original forward, on the mask
 
 
@@ -312,9 +312,9 @@ def test_a_single_sample_defers_the_check():
     block = _stack(Expression, 0.5)
     block.train()
     block(torch.randn(1, D))
-    assert "_droppath_verified" not in block.__dict__
+    assert not block._droppath_state.verified
     block(torch.randn(4, D))
-    assert block.__dict__["_droppath_verified"] is True
+    assert block._droppath_state.verified is True
 
 
 def test_what_cannot_be_derived_is_reported():
@@ -362,7 +362,7 @@ def test_sites_of_droppath_timm_and_torchvision_style():
     block = TimmStyle()
     assert accelerate(block)[0].runs == "row subset"
     block.train()(torch.randn(8, D)).sum().backward()
-    assert block.__dict__["_droppath_verified"] is True
+    assert block._droppath_state.verified is True
 
 
 def test_a_branch_whose_work_cannot_move_stays_on_the_mask_and_is_reported():
@@ -428,7 +428,7 @@ def test_values_read_after_the_site_come_back_beside_the_output():
         for _ in range(3):
             (y,) = block(torch.randn(16, 5, D))
             y.sum().backward()
-    assert block.__dict__["_droppath_verified"] is True
+    assert block._droppath_state.verified is True
     seen = []
     block.attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     block(torch.randn(16, 5, D))
@@ -466,7 +466,7 @@ def test_a_traceback_inside_a_derived_forward_shows_its_source_line():
     model = nn.Sequential(Fails())
     accelerate(model, 0.5, rule="uniform")
     model.train()(torch.randn(8, 4))  # checked: runs its derived forward from now on
-    assert model[0].__dict__.get("_droppath_verified")
+    assert model[0]._droppath_state.verified
     model[0].broken = True
     with pytest.raises(ValueError, match="inside the branch") as caught:
         model(torch.randn(8, 4))

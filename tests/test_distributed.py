@@ -350,7 +350,7 @@ def test_a_subclass_of_an_accelerated_block_runs_its_derived_forward():
     model[0].__class__ = sub
     y = model.train()(torch.randn(8, 4))  # RecursionError before
     y.sum().backward()
-    assert model[0].drop_path.p > 0 and model[0].__dict__.get("_droppath_verified") is True
+    assert model[0].drop_path.p > 0 and model[0]._droppath_state.verified is True
     accelerate(model, 0.3)  # again: the wrapper's class stays, over the new settings
     assert type(model[0]).__name__ == "Mine" and isinstance(model[0], _Block)
     model(torch.randn(8, 4)).sum().backward()
@@ -370,6 +370,6 @@ def test_fsdp2_after_accelerate_in_a_group_of_one(tmp_path):
             fully_shard(block)
         fully_shard(model)
         model.train()(torch.randn(8, 4)).sum().backward()  # RecursionError before
-        assert all(m.__dict__.get("_droppath_verified") for m in model)
+        assert all(m._droppath_state.verified for m in model)
     finally:
         dist.destroy_process_group()

@@ -17,7 +17,8 @@ from droppath._derive import (
     derive_candidates,
     verify,
 )
-from droppath._derive.ops import GATHER, by_products_asked
+from droppath._derive.ops import by_products_asked
+from droppath._derive.state import block_state
 from droppath._engine import DropBase, host_side
 from droppath._fx import is_proxy
 from droppath._swap import own_class, swap_class, unswap_class
@@ -61,21 +62,15 @@ class _AcceleratedBlock:
             # evaluation, and torch.fx tracing: the block's own forward, whose drop-path
             # modules become nodes of their own (the mask; see droppath._fx)
             return super().forward(*args, **kwargs)  # type: ignore[misc]
-        state = self.__dict__
-        if state.get(_AHEAD):  # droppath.draw_ahead: no host-side step, so one compiled graph
-            if state.get(_FAILED):
+        state = block_state(self)
+        if state.ahead:  # droppath.draw_ahead: no host-side step, so one compiled graph
+            if state.failed:
                 return super().forward(*args, **kwargs)  # type: ignore[misc]
-            if state.get(_VERIFIED):
-                traced = self._droppath_candidates[state.get(_CHOSEN, 0)].traced
-                return traced(self, *args, **kwargs)
+            if state.verified:
+                traced = self._droppath_candidates[state.chosen].traced
+                if traced is not None:
+                    return traced(self, *args, **kwargs)
         return _train_forward(self, args, kwargs)
-
-
-_VERIFIED, _FAILED, _CHOSEN = "_droppath_verified", "_droppath_failed", "_droppath_choice"
-# set by droppath.draw_ahead on the blocks whose sites it draws for
-_AHEAD = "_droppath_ahead"
-# while True, a block checks its derived forward on its next training call whatever its rates
-_CHECK_NOW = [False]
 
 
 def accelerated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -90,8 +85,8 @@ def check_states(model: nn.Module) -> dict[str, str]:
     states = {}
     for name, m in model.named_modules():
         if isinstance(m, _AcceleratedBlock):
-            failed = m.__dict__.get(_FAILED)
-            verified = m.__dict__.get(_VERIFIED)
+            state = block_state(m)
+            failed, verified = state.failed, state.verified
             states[name] = f"failed: {failed}" if failed else "verified" if verified else "pending"
     return states
 
@@ -103,33 +98,33 @@ def block_sites(block: nn.Module) -> list[nn.Module]:
 
 def set_ahead(block: nn.Module, on: bool) -> None:
     """Mark an accelerated block as drawn ahead (``droppath.draw_ahead``), or not."""
-    if on:
-        block.__dict__[_AHEAD] = True
-    else:
-        block.__dict__.pop(_AHEAD, None)
+    block_state(block).ahead = on
 
 
 def recheck(block: nn.Module) -> None:
     """Forget an accelerated block's check: it checks again on its next training call."""
-    for key in (_VERIFIED, _FAILED, _CHOSEN):
-        block.__dict__.pop(key, None)
+    block_state(block).forget_check()
 
 
 def unchecked(block: nn.Module) -> bool:
     """Whether an accelerated block has still to check its derived forward."""
-    state = block.__dict__
-    return not state.get(_VERIFIED) and not state.get(_FAILED)
+    state = block_state(block)
+    return not state.verified and not state.failed
 
 
 @contextmanager
-def checking_now() -> Iterator[None]:
-    """Accelerated blocks check their derived forward on their next training call, even where
-    every rate is 0 (``droppath.draw_ahead`` checks them all before the first compiled step)."""
-    _CHECK_NOW[0] = True
+def checking_now(model: nn.Module) -> Iterator[None]:
+    """The accelerated blocks of ``model`` check their derived forward on their next training
+    call, even where every rate is 0 (``droppath.check``, and ``droppath.draw_ahead`` before the
+    first compiled step)."""
+    states = [block_state(b) for b in accelerated_blocks(model)]
+    for state in states:
+        state.check_now = True
     try:
         yield
     finally:
-        _CHECK_NOW[0] = False
+        for state in states:
+            state.check_now = False
 
 
 @host_side
@@ -138,25 +133,25 @@ def _train_forward(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     rates are read here, so no graph guards on them (see ``droppath._engine.host_side``)."""
     candidates = block._droppath_candidates
     original = _base(block).forward
-    state = block.__dict__
-    derived = candidates[state.get(_CHOSEN, 0)]
+    state = block_state(block)
+    derived = candidates[state.chosen]
     idle = all(float(getattr(getattr(block, s), "p", 0.0)) == 0.0 for s in derived.sites)
     # attention weights asked for: every sample through the block's own forward
-    if state.get(_FAILED) or (idle and not _CHECK_NOW[0]) or by_products_asked(kwargs):
+    if state.failed or (idle and not state.check_now) or by_products_asked(kwargs):
         return original(block, *args, **kwargs)
-    if not state.get(_VERIFIED):
+    if not state.verified:
         reason = _choose(block, original, args, kwargs)
         if reason is None:  # these inputs cannot tell (a single sample): check on a later call
             return original(block, *args, **kwargs)
         if reason:
-            state[_FAILED] = reason
+            state.failed = reason
             warn(
                 f"droppath.accelerate: {_key(_base(block))} stays on the mask ("
                 f"{reason.splitlines()[0]})"
             )
             return original(block, *args, **kwargs)
-        state[_VERIFIED] = True
-        derived = candidates[state[_CHOSEN]]
+        state.verified = True
+        derived = candidates[state.chosen]
     return derived.forward(block, *args, **kwargs)
 
 
@@ -166,17 +161,17 @@ def _choose(block: Any, original: Any, args: tuple[Any, ...], kwargs: dict[str, 
     inputs cannot tell. Side inputs of 3 or more dimensions with the batch size are per sample;
     if a check fails so, 2-dimensional ones too
     (a (batch, tokens) mask; see droppath._derive.ops)."""
-    state = block.__dict__
+    state = block_state(block)
     first = None
     for i, derived in enumerate(block._droppath_candidates):
         for min_dims in (3, 2):
-            state[GATHER] = min_dims
-            with torch.set_grad_enabled(torch.is_grad_enabled() or _CHECK_NOW[0]):  # asked for
+            state.gather = min_dims
+            with torch.set_grad_enabled(torch.is_grad_enabled() or state.check_now):  # asked for
                 reason = verify(block, original, derived.forward, derived.sites, args, kwargs)
             if reason is None:
                 return None
             if not reason:
-                state[_CHOSEN] = i
+                state.chosen = i
                 return ""
             first = first or reason
     return first
@@ -329,8 +324,9 @@ def accelerate(
                 return __droppath_radd(self, 'drop_path', shortcut, __droppath_branch_0, (x,))
             return forward
         >>> y = model.train()(torch.randn(8, 4))  # checks it on the first call, then uses it
-        >>> model[1].__dict__["_droppath_verified"]
-        True
+        >>> from droppath.acceleration import check_states
+        >>> check_states(model)  # the block at rate 0 runs its own forward, unchecked
+        {'0': 'pending', '1': 'verified'}
     """
     _check(model, p, rule, batchnorm, strategy)
     check_reaches(model, p, "accelerate")  # a p that reaches nothing raises, else a warning
@@ -366,7 +362,7 @@ def accelerate(
         else:
             adapter, reason = _plan(block, attrs, batchnorm)
         cls, before = _base(block), type(block)
-        failed = block.__dict__.get(_FAILED)
+        failed = block_state(block).failed
         if adapter is None:
             unswap_class(block, _AcceleratedBlock)
         else:

@@ -154,7 +154,7 @@ def _check_blocks(model: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
     back as they were."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.no_grad(), torch.random.fork_rng(devices=devices), checking_now():
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), checking_now(model):
         model.forward(*args, **kwargs)
     with torch.no_grad():
         for buffer, value in saved:

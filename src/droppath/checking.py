@@ -68,7 +68,7 @@ def check(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, str]:
         model.train()
         for site, _ in rates:
             site.p = 0.0
-        with torch.enable_grad(), checking_now():
+        with torch.enable_grad(), checking_now(model):
             model(*args, **kwargs)
     finally:
         for site, p in rates:

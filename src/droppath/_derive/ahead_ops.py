@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from droppath._derive.ops import GATHER, BranchFn, add, radd, reference, rows, stand_in
+from droppath._derive.ops import BranchFn, add, radd, reference, rows, stand_in
+from droppath._derive.state import block_state
 from droppath._engine import Drawn, ahead_put, ahead_rows, fitting, gather
 
 __all__ = ["AHEAD_OPS", "add_ahead", "radd_ahead", "rows_ahead"]
@@ -29,7 +30,7 @@ def _taken(block: nn.Module, args: tuple[Any, ...], base: Any, drawn: Drawn, dim
     """``args`` at the rows to run: ``base`` (the sum's base, if any) by a gather whose backward
     is a gather, the other per-sample arguments as ``at_rows`` takes them."""
     n = drawn.rows.shape[0]  # the batch size the decisions fit
-    min_dims = int(block.__dict__.get(GATHER, 3))
+    min_dims = block_state(block).gather
     taken = None if base is None else ahead_rows(base, drawn, dim)
     return tuple(
         taken if a is base else gather(a, drawn.run, n, dim, min_dims=min_dims, mark=False)

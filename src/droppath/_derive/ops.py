@@ -4,7 +4,7 @@
 dropped work skipped (``radd``: the same sum with the branch first); ``rows(block, site, branch,
 args)`` is ``block.<site>(branch(block, *args))`` with the dropped rows zeros and never computed.
 The branch runs on the kept rows of every argument that holds one row per sample (a tensor whose
-batch dimension has the batch size and that has at least ``block._droppath_gather`` dimensions, 3 by
+batch dimension has the batch size and that has at least ``BlockState.gather`` dimensions, 3 by
 default, inside tuples, lists and dicts too); the others are passed whole. A shared ``(tokens,
 dim)`` table whose tokens happen to equal the batch size is so never cut; a block that needs its
 2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``). In training,
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from droppath._checks import check_input
+from droppath._derive.state import block_state
 from droppath._engine import (
     DropSpec,
     Sum,
@@ -35,7 +36,6 @@ from droppath._engine import (
 )
 
 __all__ = [
-    "GATHER",
     "ForcedDrop",
     "add",
     "by_products_asked",
@@ -47,9 +47,6 @@ __all__ = [
 
 BranchFn = Callable[..., Tensor]
 _BASE = object()  # stands for the rows of the sum's base among a branch's arguments
-
-
-GATHER = "_droppath_gather"
 
 
 class _Gathered:
@@ -168,7 +165,7 @@ def stand_in(obj: Any, dim: int, n: int) -> Any:
 @eager
 def _at_rows(branch: _Gathered, run: Tensor, dim: int) -> _Gathered:
     n = int(branch.ref.shape[dim])
-    min_dims = int(branch.block.__dict__.get(GATHER, 3))
+    min_dims = block_state(branch.block).gather
     args = tuple(
         a if a is _BASE else gather(a, run, n, dim, min_dims=min_dims) for a in branch.args
     )
@@ -241,9 +238,6 @@ def _sum(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool, sides: 
     return _with_sides(branch, out, dim, base.shape[dim])
 
 
-_SHAPES = "_droppath_shapes"
-
-
 @host_side
 def rows(
     block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], *, sides: int = 0
@@ -291,7 +285,7 @@ def _remember(block: nn.Module, site: str, ref: Tensor, dim: int, out: Tensor) -
     """``out``, its shape per row kept for the steps that drop every row (see ``_zeros``)."""
     shape = list(out.shape)
     shape[dim] = -1
-    block.__dict__.setdefault(_SHAPES, {})[_key(site, ref, dim)] = (shape, out.dtype)
+    block_state(block).shapes[_key(site, ref, dim)] = (shape, out.dtype)
     return out
 
 
@@ -300,7 +294,7 @@ def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int
     """The output of a step that drops every row: zeros shaped like the branch's output, from the
     last run on inputs of this shape, or, the first time, from a look at two rows without
     gradients."""
-    known = block.__dict__.get(_SHAPES, {}).get(_key(site, ref, dim))
+    known = block_state(block).shapes.get(_key(site, ref, dim))
     if known is None:
         with torch.no_grad():
             few = torch.arange(min(2, n), device=ref.device)
