@@ -15,7 +15,7 @@ Dropping (Zhang & He, NeurIPS 2020) and LayerSkip (Elhoushi et al., ACL 2024) tr
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -154,27 +154,50 @@ class LayerDrop(DropBase):
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
         self.layer = layer
-        self._template: int | None = None
+        self.template: int | None = None  # the structure of the layer's output, once seen
 
     _measures = False  # a layer is large next to a gather and a scatter: always the subset
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.training:
             return self.layer(x, *args, **kwargs)
-        dim = fitting(self._ahead, x, self.batch_dim)  # decisions drawn before the forward
-        if dim is not None and not cache_passed(args, kwargs):  # (draw_ahead): in the graph
-            call = LayerCall(self.layer, x, args, kwargs, owner=self.layer)
-            out, self._template = ahead_layer(call, self._ahead, dim)
-            return out
-        return _module_step(self, x, args, kwargs)
+        return _layer_step(self, self.layer, self.layer, x, args, kwargs)
+
+
+def _layer_step(
+    holder: Any,
+    forward: Callable[..., Any],
+    owner: nn.Module,
+    x: Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A training call of a layer-drop site of either form, ``forward(x, *args, **kwargs)``:
+    ``holder`` keeps the settings (``spec``), the decisions drawn ahead and the output's
+    structure (``template``): a ``LayerDrop`` itself, or a converted layer's
+    ``LayerDropSettings``; ``owner`` holds the layer's parameters."""
+    dim = fitting(holder._ahead, x, holder.spec.batch_dim)  # decisions drawn before the forward
+    if dim is not None and not cache_passed(args, kwargs):  # (draw_ahead): in the graph
+        call = LayerCall(forward, x, args, kwargs, owner=owner)
+        out, holder.template = ahead_layer(call, holder._ahead, dim)
+        return out
+    return _host_step(holder, forward, owner, x, args, kwargs)
 
 
 @host_side
-def _module_step(site: LayerDrop, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """A training call of ``site``, its settings read on the host (see ``droppath.residual``)."""
-    call = LayerCall(site.layer, x, args, kwargs, owner=site.layer)
-    site._ahead_rows = _rows_seen(x, site.spec)
-    out, site._template = drop_layer(call, site.spec, site._template)
+def _host_step(
+    holder: Any,
+    forward: Callable[..., Any],
+    owner: nn.Module,
+    x: Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A training call of a layer-drop site, its settings read on the host (see
+    ``droppath.residual``)."""
+    call = LayerCall(forward, x, args, kwargs, owner=owner)
+    holder._ahead_rows = _rows_seen(x, holder.spec)
+    out, holder.template = drop_layer(call, holder.spec, holder.template)
     return out
 
 
@@ -200,29 +223,10 @@ class _LayerDropSite:
         self.layer_drop.p = value
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        forward = super().forward  # type: ignore[misc]  # the layer's own
         if not self.training:
-            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        settings, drawn = self.layer_drop, self.layer_drop._ahead
-        dim = fitting(drawn, x, settings.spec.batch_dim)
-        if drawn is not None and dim is not None and not cache_passed(args, kwargs):
-            forward = super().forward  # type: ignore[misc]  # drawn ahead: in the graph
-            call = LayerCall(forward, x, args, kwargs, owner=self)  # type: ignore[arg-type]
-            out, settings.template = ahead_layer(call, drawn, dim)
-            return out
-        return _site_step(self, x, args, kwargs)
-
-
-@host_side
-def _site_step(
-    site: _LayerDropSite, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """A training call of a layer that ``layer_drop`` converted."""
-    forward = super(_LayerDropSite, site).forward  # type: ignore[misc]
-    settings = site.layer_drop
-    call = LayerCall(forward, x, args, kwargs, owner=site)  # type: ignore[arg-type]
-    settings._ahead_rows = _rows_seen(x, settings.spec)
-    out, settings.template = drop_layer(call, settings.spec, settings.template)
-    return out
+            return forward(x, *args, **kwargs)
+        return _layer_step(self.layer_drop, forward, self, x, args, kwargs)  # type: ignore[arg-type]
 
 
 def layer_drop_holders(model: nn.Module) -> list[tuple[nn.Module, Any]]:
@@ -250,7 +254,7 @@ def layer_drop_spec(module: nn.Module) -> DropSpec:
 def layer_output_template(module: nn.Module) -> int | None:
     """The output structure a layer-drop site has seen (0: a tensor, k: a k-tuple), or None."""
     if isinstance(module, LayerDrop):
-        return module._template
+        return module.template
     settings = getattr(module, "layer_drop", None)
     return settings.template if isinstance(settings, LayerDropSettings) else None
 
