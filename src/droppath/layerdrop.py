@@ -229,34 +229,33 @@ class _LayerDropSite:
         return _layer_step(self.layer_drop, forward, self, x, args, kwargs)  # type: ignore[arg-type]
 
 
+def _holder(module: nn.Module) -> Any:
+    """What holds a layer-drop site's settings, decisions drawn ahead and output structure: a
+    ``LayerDrop`` itself, a converted layer's ``layer_drop`` settings; None for another module."""
+    if isinstance(module, LayerDrop):
+        return module
+    return module.layer_drop if isinstance(module, _LayerDropSite) else None
+
+
 def layer_drop_holders(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     """The layer-drop sites of ``model`` with what holds each one's settings and the decisions
-    ``droppath.draw_ahead`` draws for it (``spec``, ``_ahead``, ``_ahead_rows``): a ``LayerDrop``
-    itself, a converted layer's ``layer_drop`` settings."""
-    found: list[tuple[nn.Module, Any]] = []
-    for module in model.modules():
-        if isinstance(module, LayerDrop):
-            found.append((module, module))
-        elif isinstance(module, _LayerDropSite):
-            found.append((module, module.layer_drop))
-    return found
+    ``droppath.draw_ahead`` draws for it (``spec``, ``_ahead``, ``_ahead_rows``)."""
+    return [(m, h) for m in model.modules() if (h := _holder(m)) is not None]
 
 
 def layer_drop_spec(module: nn.Module) -> DropSpec:
     """The settings of a layer-drop site: a ``LayerDrop`` or a converted layer."""
-    if isinstance(module, LayerDrop):
-        return module.spec
-    if not isinstance(module, _LayerDropSite):
+    holder = _holder(module)
+    if holder is None:
         raise TypeError(f"module must be a layer-drop site, got {type(module).__name__}")
-    return module.layer_drop.spec
+    spec: DropSpec = holder.spec
+    return spec
 
 
 def layer_output_template(module: nn.Module) -> int | None:
     """The output structure a layer-drop site has seen (0: a tensor, k: a k-tuple), or None."""
-    if isinstance(module, LayerDrop):
-        return module.template
-    settings = getattr(module, "layer_drop", None)
-    return settings.template if isinstance(settings, LayerDropSettings) else None
+    holder = _holder(module)
+    return None if holder is None else holder.template
 
 
 class SkippedLayer(nn.Module):
