@@ -204,6 +204,28 @@ class HelperMethod(_Base):
         return self._residual(self.fc(x), x)
 
 
+class HelperInExpression(_Base):
+    """MONAI's Swin blocks: the site called in ``forward`` and again in a helper that
+    ``forward`` calls inside an expression (``x + self.part2(x)``), under an ``if`` whose other
+    branch hands the helper to checkpointing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_checkpoint = False
+
+    def part2(self, x):
+        return self.drop_path(self.fc2(self.norm(x)))
+
+    def forward(self, x):
+        shortcut = x
+        x = shortcut + self.drop_path(self.fc(self.norm(x)))
+        if self.use_checkpoint:
+            x = x + torch.utils.checkpoint.checkpoint(self.part2, x, use_reentrant=False)
+        else:
+            x = x + self.part2(x)
+        return x
+
+
 FORMS = [
     Expression,
     Reversed,
@@ -221,6 +243,7 @@ FORMS = [
     AssignedUnderIf,
     NestedIfRows,
     HelperMethod,
+    HelperInExpression,
 ]
 
 
@@ -476,3 +499,16 @@ def test_a_traceback_inside_a_derived_forward_shows_its_source_line():
     assert "raise ValueError('inside the branch')" in [f.line for f in derived]
     source = type(model[0])._droppath_derived.source
     assert all(f.line in source for f in derived)
+
+
+def test_a_helper_called_in_an_expression_is_inlined_and_skips_work():
+    """Issue 27, item 6 (MONAI SwinUNETR): the helper's site skips work too."""
+    block = _stack(HelperInExpression, 0.5)
+    assert block._droppath_derived.source.count("__droppath_add(self, 'drop_path'") == 2
+    seen = []
+    block.fc2.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    block.train()
+    for _ in range(6):
+        block(torch.randn(16, 5, D)).sum().backward()
+    assert block._droppath_state.verified
+    assert any(n < 16 for n in seen[2:]), seen  # after the check's runs: kept rows only

@@ -34,7 +34,7 @@ from collections.abc import Collection
 from droppath._derive.codegen import Derived, generate
 from droppath._derive.errors import NOTHING_TO_SKIP, DeriveError
 from droppath._derive.forms import calls_in
-from droppath._derive.inline import inline_helpers
+from droppath._derive.inline import inline_expressions, inline_helpers
 from droppath._derive.region import Scope
 from droppath._derive.rewrite import Rewriter
 from droppath._derive.source import read
@@ -57,6 +57,7 @@ def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> D
     body = source.body
     if not any(calls_in(stmt, sites) for stmt in body):  # the sites sit in a helper method
         body = inline_helpers(cls, source.fn, body, sites)
+    body = inline_expressions(cls, source.fn, body, sites)  # x + self.h(x), h a site's return
     rewriter = Rewriter(Scope.of(sites, source.params, body, keep_shared))
     try:
         new_body = rewriter.block(body, [])

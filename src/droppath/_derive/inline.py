@@ -13,6 +13,7 @@ closure, defined in the module of ``forward`` (the generated code runs in its gl
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import textwrap
 import types
@@ -20,7 +21,7 @@ from collections.abc import Collection
 
 from droppath._derive.forms import calls_in
 
-__all__ = ["inline_helpers"]
+__all__ = ["inline_expressions", "inline_helpers"]
 
 _PREFIX = "_inlined_{}_"  # not "__droppath_": that marks the rewrite's own names
 
@@ -35,6 +36,69 @@ def inline_helpers(
         inlined = _inline(cls, forward, stmt, sites)
         out.extend([stmt] if inlined is None else inlined)
     return out
+
+
+def inline_expressions(
+    cls: type, forward: types.FunctionType, body: list[ast.stmt], sites: Collection[str]
+) -> list[ast.stmt]:
+    """``body`` with each call, inside an expression, of a site-holding helper that is one
+    ``return`` of an expression replaced by that expression (``_Expressions``), at any depth;
+    ``body`` itself when there is none."""
+    expressions = _Expressions(cls, forward, sites)
+    out = [expressions.visit(copy.deepcopy(stmt)) for stmt in body]
+    return out if expressions.done else body
+
+
+class _Expressions(ast.NodeTransformer):
+    """MONAI's Swin blocks: ``x = x + self.forward_part2(x)``, whose helper is
+    ``return self.drop_path(self.mlp(self.norm2(x)))``. A call ``self.h(a, b)`` anywhere in an
+    expression, of a helper whose body is one ``return e`` that calls a site, with plain names
+    as arguments, becomes ``e`` with the helper's parameters replaced by those names: the same
+    evaluation, since a name evaluates to the same object wherever it is read."""
+
+    def __init__(self, cls: type, forward: types.FunctionType, sites: Collection[str]) -> None:
+        self.cls, self.forward, self.sites, self.done = cls, forward, sites, False
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        f = node.func
+        if not (
+            isinstance(f, ast.Attribute)
+            and isinstance(f.value, ast.Name)
+            and f.value.id == "self"
+            and not node.keywords
+            and all(isinstance(a, ast.Name) for a in node.args)
+        ):
+            return node
+        fdef = _method(self.cls, f.attr, self.forward)
+        if fdef is None:
+            return node
+        body = fdef.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]
+        params = [p.arg for p in fdef.args.args]
+        if len(body) != 1 or not isinstance(body[0], ast.Return) or body[0].value is None:
+            return node
+        if not params or params[0] != "self" or len(params) - 1 != len(node.args):
+            return node
+        if not calls_in(ast.Module(body=body, type_ignores=[]), self.sites):
+            return node
+        names = {
+            p: a.id for p, a in zip(params[1:], node.args, strict=True) if isinstance(a, ast.Name)
+        }
+        self.done = True
+        expr: ast.expr = _Substitute(names).visit(body[0].value)  # a fresh tree per call
+        return ast.copy_location(expr, node)
+
+
+class _Substitute(ast.NodeTransformer):
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.Name:
+        if node.id in self.names:
+            return ast.copy_location(ast.Name(self.names[node.id], node.ctx), node)
+        return node
 
 
 def _helper_call(stmt: ast.stmt) -> tuple[str, list[ast.expr]] | None:
