@@ -199,13 +199,18 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
 
     scenario("checkpoint", checkpointed)
 
+    def synced(p: float, mode: str, batch: int, seed: int) -> dict[str, object]:
+        """A stack whose branches hold a SyncBatchNorm, trained with per-rank seeds."""
+        torch.manual_seed(0)
+        model = _Step(lambda: nn.Sequential(nn.Linear(8, 8), _CpuSyncBatchNorm(8)), p, mode)
+        torch.manual_seed(seed + rank)
+        _train(model, model, batch, 8, rank, average=True)
+        return {"state": _full_state(model), "calls": list(model.calls)}
+
     # 4. branches that communicate, per-rank seeds, batches of 2: ranks drop every row apart
     def syncbn():
-        torch.manual_seed(0)
-        model = _Step(lambda: nn.Sequential(nn.Linear(8, 8), _CpuSyncBatchNorm(8)), 0.6, "row")
-        torch.manual_seed(11 + rank)
-        _train(model, model, 2, 8, rank, average=True)
-        return {"state": _full_state(model), "calls": len(model.calls)}
+        found = synced(0.6, "row", 2, 11)
+        return {**found, "calls": len(found["calls"])}
 
     scenario("syncbn", syncbn)
 
@@ -241,15 +246,8 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     scenario("fsdp1_flat", lambda: fsdp1(False))
     scenario("fsdp1_orig", lambda: fsdp1(True))
 
-    # 5. batch mode under DDP, per-rank seeds: the gates agree, so every rank skips alike
-    def batch_gates():
-        torch.manual_seed(0)
-        model = _Step(lambda: nn.Sequential(nn.Linear(8, 8), _CpuSyncBatchNorm(8)), 0.5, "batch")
-        torch.manual_seed(41 + rank)
-        _train(model, model, 4, 8, rank, average=True)
-        return {"state": _full_state(model), "calls": list(model.calls)}
-
-    scenario("batch_gates", batch_gates)
+    # 5. batch mode, per-rank seeds: the gates agree, so every rank skips alike
+    scenario("batch_gates", lambda: synced(0.5, "batch", 4, 41))
 
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.barrier()

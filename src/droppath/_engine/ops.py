@@ -52,8 +52,12 @@ class _TouchParams(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
-        zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta]
-        return (grad, *zeros)
+        return (grad, *_zero_grads(ctx))
+
+
+def _zero_grads(ctx: Any) -> list[Tensor]:
+    """Zeros for the parameters whose shapes a touching function's forward kept."""
+    return [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta]
 
 
 class _ScatterAdd(torch.autograd.Function):
@@ -143,8 +147,7 @@ class _ZerosTouching(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta]
-        return (None, None, None, *zeros)
+        return (None, None, None, *_zero_grads(ctx))
 
 
 def _touched(branch: Any) -> list[Tensor]:
@@ -172,8 +175,8 @@ def zeros_for(like: Tensor, shape: list[int], dtype: torch.dtype, branch: Any) -
 def skip(base: Tensor, branch: Any) -> Tensor:
     """A step whose branch is dropped for every sample: ``base``, the branch never called.
 
-    Under DDP, the parameters of ``branch`` (a module, or any callable with ``parameters()``)
-    receive zero gradients."""
+    The parameters of ``branch`` (a module, or any callable with ``parameters()``) receive zero
+    gradients, as the mask gives them (``_touched``)."""
     params = _touched(branch)
     if params:
         out: Tensor = _TouchParams.apply(base, *params)  # type: ignore[no-untyped-call]

@@ -26,6 +26,7 @@ they always did.
 from __future__ import annotations
 
 import datetime
+import functools
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -97,11 +98,11 @@ _STREAM: list[_Stream | None] = [None]
 _SEEDINGS = [0]  # the streams this process has seeded: the store key of the next one
 
 
-def _token() -> Any:
-    """What identifies the default process group (a new one is a new run of the stream): a weak
-    reference, so that the stream never keeps a destroyed group alive (its destructor at exit
+def _default_group() -> Any:
+    """The default process group: a new one is a new run of the stream. A stream holds it by a
+    weak reference, so that it never keeps a destroyed group alive (its destructor at exit
     aborts the process)."""
-    return weakref.ref(torch.distributed.distributed_c10d._get_default_group())
+    return torch.distributed.distributed_c10d._get_default_group()
 
 
 _WAIT = datetime.timedelta(minutes=5)  # for rank 0's seed, before saying why it has not come
@@ -129,10 +130,10 @@ def _shared_seed(rank: int) -> int:
 
 
 def _stream(rank: int) -> _Stream:
-    stream, token = _STREAM[0], _token()
-    if stream is None or stream.token() is not token():
+    stream, current = _STREAM[0], _default_group()
+    if stream is None or stream.token() is not current:
         seed = _shared_seed(rank)
-        stream = _Stream(token, seed, torch.Generator().manual_seed(seed))
+        stream = _Stream(weakref.ref(current), seed, torch.Generator().manual_seed(seed))
         _STREAM[0] = stream
     return stream
 
@@ -193,7 +194,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
     generator = torch.Generator()
     generator.set_state(state["generator"])
-    _STREAM[0] = _Stream(_token(), int(state["seed"]), generator)
+    _STREAM[0] = _Stream(weakref.ref(_default_group()), int(state["seed"]), generator)
 
 
 def _modules(branch: Any) -> list[nn.Module]:
@@ -203,6 +204,7 @@ def _modules(branch: Any) -> list[nn.Module]:
     return list(found()) if callable(found) else []
 
 
+@functools.cache
 def _fsdp_classes() -> tuple[type, ...]:
     classes: list[type] = []
     try:
@@ -241,8 +243,7 @@ def communicates(branch: Any) -> bool:
     """Whether calling ``branch`` may run a collective that every rank must run alike: it holds
     a ``SyncBatchNorm``, a module sharded by FSDP (``fully_shard``, ``FullyShardedDataParallel``),
     a distributed tensor parameter, a DeepSpeed ZeRO-3 partitioned parameter, or an FSDP flat
-    parameter's views. A branch that is not a
-    module stands for its owner's (``modules()``)."""
+    parameter's views. A branch that is not a module stands for its owner's (``modules()``)."""
     fsdp = _fsdp_classes()
     for m in _modules(branch):
         if isinstance(m, (nn.SyncBatchNorm, *fsdp)) or _flat_views(m):
