@@ -33,6 +33,7 @@ from torch import nn
 
 import droppath._derive.ops as ops
 from droppath import accelerate, drop_path_sites, set_drop_rates
+from droppath.acceleration import check_states
 
 _SIZE = ["atto", "femto", "pico", "nano", "tiny", "mini", "xxs", "xs", "small", "t", "s"]
 
@@ -167,18 +168,20 @@ def _shape(reason: str) -> str:
 
 
 def _account(row: Family, model: nn.Module, report: Any) -> None:
-    failed = {}
-    for name, m in model.named_modules():
-        reason = getattr(getattr(m, "_droppath_state", None), "failed", "")
-        if reason:
-            failed[name] = reason
+    """Count the sites as they run after the step, not as ``accelerate`` planned them: a site of a
+    block whose check failed runs on the mask, and one whose block was never checked (never called
+    in training with inputs that could tell) is counted apart as ``unchecked``, not as skipping."""
+    states = check_states(model)
     runs: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     for r in report:
-        owner = r.name.rpartition(".")[0]
-        if r.runs != "mask" and owner in failed:
+        state = states.get(r.name.rpartition(".")[0], "verified")  # else droppath's own site
+        if r.runs != "mask" and state.startswith("failed: "):
             runs["mask"] += 1
-            reasons[f"{r.block}: {_shape(failed[owner])}"] += 1
+            reasons[f"{r.block}: {_shape(state.removeprefix('failed: '))}"] += 1
+        elif r.runs != "mask" and state == "pending":
+            runs["unchecked"] += 1
+            reasons[f"{r.block}: unchecked after the step"] += 1
         else:
             runs[r.runs] += 1
             if r.runs == "mask":
@@ -353,7 +356,16 @@ def _hf_config(config_cls: Any, small: bool, image: int | None = None) -> Any:
                 kwargs[attr] = [min(v, 2) for v in value]
     if image is not None and isinstance(getattr(default, "image_size", None), int):
         kwargs["image_size"] = image
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except Exception as error:
+        # a config that declares its rate an integer (Timesformer's ``drop_path_rate: int``)
+        # refuses 0.1: built without it, the rate is set past the type check
+        if "drop_path_rate" not in str(error):
+            raise
+        config = config_cls(**{k: v for k, v in kwargs.items() if k != "drop_path_rate"})
+        object.__setattr__(config, "drop_path_rate", kwargs["drop_path_rate"])
+        return config
 
 
 def _hf_input(model: nn.Module, config: Any, size: int | None) -> dict[str, torch.Tensor]:
@@ -448,6 +460,11 @@ def _print(row: Family) -> None:
         print(f"    {count:4d}  {reason}", flush=True)
 
 
+def _skipping(sites: int, runs: dict[str, int]) -> int:
+    """Sites that skip work after the step: neither on the mask nor unchecked."""
+    return sites - runs.get("mask", 0) - runs.get("unchecked", 0)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The census as a Markdown table (from the rows of ``--json``), totals per library last."""
     head = "| library | family | model | sites | skip work | on the mask, why | checks |"
@@ -455,7 +472,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if not r["sites"]:
             continue
-        mask = r["runs"].get("mask", 0)
+        mask = r["runs"].get("mask", 0) + r["runs"].get("unchecked", 0)
         why = "; ".join(f"{n} {reason}" for reason, n in r["reasons"].items()) or ""
         checks = (
             ""
@@ -472,7 +489,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for library in dict.fromkeys(r["library"] for r in rows):
         mine = [r for r in rows if r["library"] == library]
         total = sum(r["sites"] for r in mine)
-        skip = sum(r["sites"] - r["runs"].get("mask", 0) for r in mine)
+        skip = sum(_skipping(r["sites"], r["runs"]) for r in mine)
         lines.append(
             f"| **{library}** | {sum(1 for r in mine if r['sites'])} families | | **{total}** | "
             f"**{skip}** ({100 * skip / max(total, 1):.1f} %) | | |"
@@ -482,7 +499,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def _total(library: str, rows: list[Family]) -> str:
     total = sum(r.sites for r in rows)
-    skip = sum(r.sites - r.runs.get("mask", 0) for r in rows)
+    skip = sum(_skipping(r.sites, r.runs) for r in rows)
     return f"{library}: {skip} of {total} sites skip work ({100 * skip / max(total, 1):.0f} %)"
 
 

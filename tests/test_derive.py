@@ -512,3 +512,40 @@ def test_a_helper_called_in_an_expression_is_inlined_and_skips_work():
         block(torch.randn(16, 5, D)).sum().backward()
     assert block._droppath_state.verified
     assert any(n < 16 for n in seen[2:]), seen  # after the check's runs: kept rows only
+
+
+class PerFrame(_Base):
+    """transformers' Timesformer (divided space-time): a site that drops rows of
+    ``batch * frames``, made by a reshape with the batch size, and whose output is reshaped back
+    and used otherwise than in a sum."""
+
+    frames = 3
+
+    def forward(self, x):
+        batch_size = x.shape[0]
+        t = x.reshape(batch_size, self.frames, -1, D).reshape(batch_size * self.frames, -1, D)
+        out = self.fc(self.norm(t))
+        r = self.drop_path(out)
+        r = r.reshape(batch_size, -1, D)
+        return x + self.fc2(r)
+
+
+def test_a_site_on_rows_regrouped_by_the_batch_size_skips_those_rows():
+    """Issue 27, item 6 (Timesformer): the first two rewrites move the reshape into the branch,
+    which then gathers per-sample rows for a site that drops per frame, and fail their check; the
+    third starts the branch after the reshape and runs it on the kept frames."""
+    first = derive(PerFrame, ("drop_path",)).source
+    third = derive(PerFrame, ("drop_path",), regroup=True).source
+    assert "batch_size * self.frames" in first.split("def forward")[0]  # inside a branch
+    assert "batch_size * self.frames" not in third.split("def forward")[0]
+    block = _stack(PerFrame, 0.5)
+    seen = []
+    block.fc.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    block.train()
+    for _ in range(6):
+        block(torch.randn(4, 3 * 5, D)).sum().backward()
+    state = block._droppath_state
+    assert state.verified and not state.failed
+    assert block._droppath_candidates[state.chosen].source == third
+    runs = seen[-5:]  # after the check: rows of 4 samples x 3 frames, the dropped ones skipped
+    assert all(n <= 12 for n in runs) and any(n < 12 for n in runs), seen

@@ -43,11 +43,16 @@ from droppath._derive.verify import verify
 __all__ = ["NOTHING_TO_SKIP", "DeriveError", "Derived", "derive", "derive_candidates", "verify"]
 
 
-def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> Derived:
+def derive(
+    cls: type, sites: Collection[str], *, keep_shared: bool = False, regroup: bool = False
+) -> Derived:
     """The training forward of ``cls`` with the work of dropped samples at ``sites`` skipped.
 
     ``keep_shared``: statements whose values the rest of the forward reads stay out of the
     branches (a second, more conservative rewrite, tried when the first fails its check).
+    ``regroup``: a branch stops at a statement that regroups rows by the batch size
+    (``x.reshape(B * T, ...)``), so that a site that drops rows of ``B * T`` (per frame, per
+    location) gathers them where they are made (a third rewrite, tried when both fail).
 
     Raises:
         DeriveError: the source cannot be read (``parse``) or a site's use cannot be rewritten
@@ -58,7 +63,7 @@ def derive(cls: type, sites: Collection[str], *, keep_shared: bool = False) -> D
     if not any(calls_in(stmt, sites) for stmt in body):  # the sites sit in a helper method
         body = inline_helpers(cls, source.fn, body, sites)
     body = inline_expressions(cls, source.fn, body, sites)  # x + self.h(x), h a site's return
-    rewriter = Rewriter(Scope.of(sites, source.params, body, keep_shared))
+    rewriter = Rewriter(Scope.of(sites, source.params, body, keep_shared, regroup))
     try:
         new_body = rewriter.block(body, [])
     except DeriveError:
@@ -77,19 +82,21 @@ _DERIVED: dict[tuple[type, tuple[str, ...]], tuple[Derived, ...] | DeriveError] 
 
 
 def derive_candidates(cls: type, sites: tuple[str, ...]) -> tuple[Derived, ...]:
-    """The derived forwards of ``cls`` for ``sites``, made once per class: the rewrite, and a
-    more conservative one when it differs (``keep_shared``, tried if the first fails its check).
-    Raises ``DeriveError`` (also remembered)."""
+    """The derived forwards of ``cls`` for ``sites``, made once per class: the rewrite, then
+    those that differ from it, in the order a failed check tries them: ``keep_shared``, then
+    ``regroup``. Raises ``DeriveError`` (also remembered)."""
     key = (cls, sites)
     if key not in _DERIVED:
         try:
-            first = derive(cls, sites)
-            try:
-                second = derive(cls, sites, keep_shared=True)
-                both = (first,) if second.source == first.source else (first, second)
-            except DeriveError:
-                both = (first,)
-            _DERIVED[key] = both
+            made = [derive(cls, sites)]
+            for keep_shared, regroup in ((True, False), (False, True)):
+                try:
+                    other = derive(cls, sites, keep_shared=keep_shared, regroup=regroup)
+                except DeriveError:
+                    continue
+                if all(other.source != d.source for d in made):
+                    made.append(other)
+            _DERIVED[key] = tuple(made)
         except DeriveError as error:
             _DERIVED[key] = error
     found = _DERIVED[key]

@@ -41,17 +41,51 @@ class Scope:
     keep_shared: bool
     params: frozenset[str] = frozenset()
     body: tuple[ast.stmt, ...] = ()
+    # the names of the batch size (``B = x.shape[0]``) when a branch may not reach past a
+    # statement that regroups rows with it (``x.reshape(B * T, ...)``): the third rewrite, whose
+    # branch takes its rows where the site's rows are made (Timesformer's per-frame sites)
+    regroup: frozenset[str] = frozenset()
 
     @staticmethod
     def of(
-        sites: Collection[str], params: list[str], body: list[ast.stmt], keep_shared: bool
+        sites: Collection[str],
+        params: list[str],
+        body: list[ast.stmt],
+        keep_shared: bool,
+        regroup: bool = False,
     ) -> Scope:
         names = set(params)
         for stmt in body:
             names |= effects(stmt)[0]
+        batch = {
+            name
+            for stmt in body
+            for node in ast.walk(stmt)
+            if isinstance(node, ast.Assign) and (name := batch_name(node)) is not None
+        }
         return Scope(
-            frozenset(sites), frozenset(names), keep_shared, frozenset(params), tuple(body)
+            frozenset(sites),
+            frozenset(names),
+            keep_shared,
+            frozenset(params),
+            tuple(body),
+            frozenset(batch) if regroup else frozenset(),
         )
+
+    def regroups(self, stmt: ast.stmt) -> bool:
+        """Whether ``stmt`` reshapes a tensor into rows of a multiple of the batch size
+        (``.reshape(B * T, ...)``, ``.view(B * H * W, ...)``): rows that are no more samples."""
+        for node in ast.walk(stmt):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("reshape", "view")
+                and node.args
+                and isinstance(node.args[0], ast.BinOp)
+                and loads(node.args[0]) & self.regroup
+            ):
+                return True
+        return False
 
     def assigned_outside(self, region: list[ast.stmt]) -> set[str]:
         """The names that have a value before ``region`` may run: the parameters and what the
@@ -157,7 +191,7 @@ def plan_branch(
         if not (assigned & needed):
             skipped.append(j)
             continue
-        if not _movable(before[j], base_reads, scope.sites):
+        if not _movable(before[j], base_reads, scope):
             break
         if scope.keep_shared and read_later(assigned, stmt, expr, rest):
             break
@@ -184,9 +218,14 @@ def plan_branch(
     return Plan(expr, region, (needed & scope.locals) - unbound, live)
 
 
-def _movable(stmt: ast.stmt, base_reads: set[str], sites: Collection[str]) -> bool:
+def _movable(stmt: ast.stmt, base_reads: set[str], scope: Scope) -> bool:
     assigned = effects(stmt)[0]
-    return not (assigned & base_reads or escapes(stmt) or has_site(stmt, sites))
+    return not (
+        assigned & base_reads
+        or escapes(stmt)
+        or has_site(stmt, scope.sites)
+        or scope.regroups(stmt)
+    )
 
 
 def _absorb(
@@ -213,7 +252,7 @@ def _absorb(
                 for m in moving
             )
             if clash:
-                if not _movable(before[k], base_reads, scope.sites):
+                if not _movable(before[k], base_reads, scope):
                     return None
                 if scope.keep_shared and read_later(a, *site):
                     return None
@@ -227,19 +266,20 @@ def _absorb(
 
 
 def shape_statements(
-    before: list[ast.stmt], moved: list[ast.stmt], plan: Plan | None
+    before: list[ast.stmt], moved: list[ast.stmt], plan: Plan | None, scope: Scope
 ) -> list[tuple[ast.stmt, str | None]]:
     """Statements before the branch that read sizes off a tensor (``B, N, C = x.shape``)
     whose names the branch reads. Each runs again in the branch, on the kept rows, when what
     it reads has not changed since (``(stmt, None)``); otherwise only its batch size is taken
-    again, from the branch's rows (``(stmt, name)``)."""
+    again, from the branch's rows (``(stmt, name)``). A statement that regroups rows
+    (``Scope.regroups``) makes the branch's rows: it stays before the branch."""
     if plan is None:
         return []
     needed = plan.reads
     out: list[tuple[ast.stmt, str | None]] = []
     outside = [s for s in before if not any(s is m for m in moved)]
     for j, s in enumerate(outside):
-        if not (isinstance(s, ast.Assign) and is_shape(s.value)):
+        if not (isinstance(s, ast.Assign) and is_shape(s.value)) or scope.regroups(s):
             continue
         assigned, reads = effects(s)
         if not assigned & needed:

@@ -170,7 +170,7 @@ class Rewriter:
             plan = plan or plan_branch(before, stmt, rest, self.scope)
             if plan is not None:
                 moved = plan.moved
-        shapes = shape_statements(before, moved, plan)
+        shapes = shape_statements(before, moved, plan, self.scope)
         transformer = Terms(self.scope, self.output, plan, shapes)
         if isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, ast.Add):
             term = site_term(stmt.value, sites)

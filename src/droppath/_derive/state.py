@@ -18,7 +18,8 @@ class BlockState:
         verified: the derived forward ``chosen`` passed its check on this block.
         failed: why no derived forward passed it (the block then runs its own forward).
         chosen: which of the class's derived forwards runs (0: the rewrite; 1: the more
-            conservative one, tried when the first fails).
+            conservative one, tried when the first fails; 2: the one whose branches start
+            where rows are regrouped by the batch size, tried last; see ``derive_candidates``).
         ahead: ``droppath.draw_ahead`` draws this block's decisions before the forward.
         check_now: check on the next training call, whatever the rates (``checking_now``).
         gather: side inputs with at least this many dimensions and the batch size are gathered
