@@ -104,17 +104,45 @@ class TestSiteRates:
             set_site_rate(model[5], 2.0)  # droppath's own modules check it
 
     def test_resolve_site_rates_is_what_set_drop_rates_sets_and_sets_nothing(self):
-        from droppath.sites import resolve_site_rates
+        from droppath.rates import Rates
+        from droppath.site_rates import resolve_site_rates
+        from droppath.sites import SiteTable
 
         slots = timm_style((0.0, 0.0, 0.0))  # the slots where linspace drops are filled
-        planned = dict(resolve_site_rates(slots, 0.4, "model"))
+        planned = dict(resolve_site_rates(slots, SiteTable.of(slots), Rates.of(0.4, "model")))
         assert planned == pytest.approx({"1.drop_path": 0.2, "2.drop_path": 0.4})
         assert [m.p for _, m in drop_path_sites(slots)] == [0.0, 0.0]
         model = timm_style((0.0, 0.1, 0.2, 0.3))
         before = [m.drop_prob for m in (model[i].drop_path for i in (1, 2, 3))]
-        planned = resolve_site_rates(model, 0.6, "model")
+        planned = resolve_site_rates(model, SiteTable.of(model), Rates.of(0.6, "model"))
         assert [m.drop_prob for m in (model[i].drop_path for i in (1, 2, 3))] == before
         assert planned == set_drop_rates(model, 0.6)
+
+    def test_plan_rates_is_pure_and_write_rates_applies_it(self):
+        """Issue 28, item 2: the plan is apart from the writing; planning changes nothing."""
+        from droppath.rates import Rates
+        from droppath.site_rates import plan_rates, write_rates
+        from droppath.sites import SiteTable, site_rate
+
+        model = timm_style((0.0, 0.1, 0.2, 0.3))  # block 0's slot is empty
+        table = SiteTable.of(model)
+        assert [n for n, _ in table.sites] == ["1.drop_path", "2.drop_path", "3.drop_path"]
+        assert [n for n, _, _ in table.slots] == ["0.drop_path"]
+        assert table.depth == 4 and table.positions["0.drop_path"] == 0
+        plan = plan_rates(table, Rates.of(0.4, "linear"))
+        assert plan.fill == ("0.drop_path",)
+        assert plan.rates == pytest.approx(
+            {"0.drop_path": 0.1, "1.drop_path": 0.2, "2.drop_path": 0.3, "3.drop_path": 0.4}
+        )
+        assert type(model[0].drop_path) is nn.Identity  # planned, not written
+        assert [m.drop_prob for m in (model[i].drop_path for i in (1, 2, 3))] == [0.1, 0.2, 0.3]
+        written = write_rates(model, table, plan)
+        assert [n for n, _ in written] == [f"{i}.drop_path" for i in range(4)]
+        assert [site_rate(m) for _, m in written] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+        explicit = plan_rates(SiteTable.of(model), Rates.of([0.0, 0.1, 0.2, 0.3], "model"))
+        assert explicit.fill == () and list(explicit.rates.values()) == [0.0, 0.1, 0.2, 0.3]
+        with pytest.raises(ValueError, match="one rate per drop-path site: the model has 4"):
+            plan_rates(SiteTable.of(model), Rates.of([0.1], "model"))
 
 
 class TestModelRule:

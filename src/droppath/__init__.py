@@ -30,7 +30,7 @@ _EXPORTS = {
     "DropRateScheduler": "droppath.scheduler",
     "convert": "droppath.sites",
     "drop_path_sites": "droppath.sites",
-    "set_drop_rates": "droppath.sites",
+    "set_drop_rates": "droppath.site_rates",
     "prune": "droppath.pruning",
     "get_rng_state": "droppath._engine.ranks",
     "set_rng_state": "droppath._engine.ranks",
@@ -74,7 +74,8 @@ if TYPE_CHECKING:
     from droppath.report import AccelerationReport, SiteReport
     from droppath.residual import Residual, drop_add_residual
     from droppath.scheduler import DropRateScheduler
-    from droppath.sites import convert, drop_path_sites, set_drop_rates
+    from droppath.site_rates import set_drop_rates
+    from droppath.sites import convert, drop_path_sites
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from droppath._checks import STRATEGIES, check_choice, check_model, check_probability
+from droppath._checks import STRATEGIES, check_choice, check_model
 from droppath._derive import (
     NOTHING_TO_SKIP,
     Derived,
@@ -25,17 +25,11 @@ from droppath._swap import own_class, swap_class, unswap_class
 from droppath._warn import warn
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site, layer_drop_spec
-from droppath.rates import DEFAULT_RULE, DEPTH_RULES
+from droppath.rates import DEFAULT_RULE, DEPTH_RULES, Rates
 from droppath.report import BATCH, MASK, ROW, AccelerationReport, SiteReport
 from droppath.residual import Residual
-from droppath.sites import (
-    check_reaches,
-    convert,
-    drop_path_sites,
-    fill_slots,
-    set_drop_rates,
-    site_rate,
-)
+from droppath.site_rates import check_reaches, plan_rates, write_rates
+from droppath.sites import SiteTable, convert, fill_slots, site_rate
 
 __all__ = ["AccelerationReport", "SiteReport", "accelerate"]
 
@@ -219,14 +213,15 @@ def _unreached(cls: type, attr: str, derived: Derived) -> str:
     return f"rewrite: {cls.__qualname__}.forward does not call {attr}"
 
 
-def _check(model: Any, p: Any, rule: Any, batchnorm: Any, strategy: Any) -> None:
+def _check(model: Any, p: Any, rule: Any, batchnorm: Any, strategy: Any) -> Rates | None:
+    """Check ``accelerate``'s arguments; the rates asked for, once checked (None: none)."""
     check_model(model, "accelerate")
-    if p is not None and not (isinstance(p, Sequence) and not isinstance(p, str)):
-        check_probability(p)
+    rates = Rates.of(p, rule) if p is not None else None
     check_choice(rule, "rule", DEPTH_RULES)
     check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES)
     if strategy is not None:
         check_choice(strategy, "strategy", STRATEGIES)
+    return rates
 
 
 def accelerate(
@@ -328,19 +323,21 @@ def accelerate(
         >>> check_states(model)  # the block at rate 0 runs its own forward, unchecked
         {'0': 'pending', '1': 'verified'}
     """
-    _check(model, p, rule, batchnorm, strategy)
-    check_reaches(model, p, "accelerate")  # a p that reaches nothing raises, else a warning
+    rates = _check(model, p, rule, batchnorm, strategy)
     model = convert(model)
     fill_slots(model)
-    if p is not None and drop_path_sites(model):  # else check_reaches has warned already
-        set_drop_rates(model, p, rule)
+    table = SiteTable.of(model)  # the one walk of the model's sites, passed down
+    # rates that reach nothing raise, a call without rates that reaches nothing warns
+    check_reaches(table, rates, "accelerate", type(model).__name__)
+    if rates is not None and table.sites:
+        write_rates(model, table, plan_rates(table, rates))
     if strategy is not None:
-        for _, site in drop_path_sites(model):
+        for _, site in table.sites:
             if isinstance(site, DropBase) and not is_layer_drop_site(site):
                 site.strategy = strategy
     rows: dict[str, SiteReport] = {}
     owners: dict[str, list[str]] = {}
-    for name, site in drop_path_sites(model):
+    for name, site in table.sites:
         rate = site_rate(site)
         layer = is_layer_drop_site(site)
         if layer or isinstance(site, Residual):

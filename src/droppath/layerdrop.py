@@ -34,7 +34,7 @@ from droppath._layer_step import (
     passthrough,
 )
 from droppath._swap import swap_class
-from droppath.rates import DEFAULT_RULE, resolve_rates
+from droppath.rates import DEFAULT_RULE, Rates
 
 __all__ = ["STACK_PATHS", "LayerDrop", "SkippedLayer", "find_layer_stack", "layer_drop"]
 
@@ -337,7 +337,7 @@ def layer_drop(
     name, stack = named_stack(model, layers)
     names = [f"{name}.{i}" if name else str(i) for i in range(len(stack))]
     profile = [layer.p if isinstance(layer, _LayerDropSite) else 0.0 for layer in stack]
-    rates = resolve_rates(len(stack), p, rule, profile)
+    rates = Rates.of(p, rule).per_position(len(stack), profile)
     for layer, rate in zip(stack, rates, strict=True):
         spec = replace(checked, p=rate)
         if isinstance(layer, _LayerDropSite):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from droppath._checks import check_choice, check_positive_int, check_probability
 
@@ -17,9 +19,10 @@ __all__ = [
     "DEPTH_RULE_TABLE",
     "FALLBACK_RULE",
     "MODEL_RULE",
+    "Rates",
     "depth_rates",
+    "is_rates",
     "positional_rule",
-    "resolve_rates",
 ]
 
 
@@ -117,6 +120,11 @@ def depth_rates(
                 f"profile must be a sequence of one rate per block ({n}), got {profile!r}"
             )
         profile = [check_probability(v, f"profile[{i}]") for i, v in enumerate(profile)]
+    return _rates(n, p, rule, profile)
+
+
+def _rates(n: int, p: float, rule: str, profile: Sequence[float] | None) -> list[float]:
+    """``depth_rates`` on checked arguments."""
     rule = positional_rule(rule, profile)
     if rule == MODEL_RULE:
         assert profile is not None  # positional_rule gives FALLBACK_RULE without one
@@ -126,17 +134,54 @@ def depth_rates(
     return [p * fraction(i, n) for i in range(n)]
 
 
-def resolve_rates(
-    n: int, p: float | Sequence[float], rule: str, profile: Sequence[float] | None = None
-) -> list[float]:
-    """The rates of ``n`` sites: ``p`` if it is a sequence of ``n`` rates, else by ``rule`` (with
-    the sites' current rates ``profile`` for ``"model"``)."""
-    if isinstance(p, Sequence) and not isinstance(p, str):
-        if len(p) != n:
-            raise ValueError(
-                f"p must have one rate per drop-path site: the model has {n} sites, "
-                f"got {len(p)} rates"
-            )
-        check_choice(rule, "rule", DEPTH_RULES)
-        return [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
-    return depth_rates(n, p, rule, profile=profile)
+def is_rates(p: Any) -> bool:
+    """Whether ``p`` is a sequence of rates rather than one rate (a string is neither)."""
+    return isinstance(p, Sequence) and not isinstance(p, str)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The rates a call asks for, checked once, where the call enters the library: explicit rates,
+    one per site (``explicit``), or the largest rate ``p`` and a depth ``rule``. What the call
+    then does with them (``droppath.site_rates.plan_rates``, ``layer_drop``) checks nothing again.
+
+    Examples:
+        >>> from droppath.rates import Rates
+        >>> Rates.of(0.2, "linear").per_position(4)
+        [0.05, 0.1, 0.15000000000000002, 0.2]
+        >>> Rates.of([0.1, 0.3], "model").explicit
+        (0.1, 0.3)
+        >>> Rates.of(1.5, "linear")
+        Traceback (most recent call last):
+        ...
+        ValueError: p must be a probability in [0, 1], got 1.5
+    """
+
+    p: float
+    rule: str
+    explicit: tuple[float, ...] | None = None
+    given: str = ""  # ``repr`` of the ``p`` the call was given, for messages
+
+    @classmethod
+    def of(cls, p: float | Sequence[float], rule: str, rule_name: str = "rule") -> Rates:
+        """Check ``p`` (a rate, or a sequence of rates) and ``rule`` (named ``rule_name`` in
+        errors) once."""
+        rule = check_choice(rule, rule_name, DEPTH_RULES)
+        if is_rates(p):
+            assert isinstance(p, Sequence)
+            rates = tuple(check_probability(v, f"p[{i}]") for i, v in enumerate(p))
+            return cls(max(rates, default=0.0), rule, rates, repr(p))
+        return cls(check_probability(p), rule, None, repr(p))
+
+    def per_position(self, n: int, profile: Sequence[float] | None = None) -> list[float]:
+        """The rate of each of ``n`` positions: the explicit rates (there must be ``n``), or
+        ``depth_rates(n, p, rule, profile=profile)``, whose ``profile`` is the sites' current
+        rates, for ``"model"``."""
+        if self.explicit is not None:
+            if len(self.explicit) != n:
+                raise ValueError(
+                    f"p must have one rate per drop-path site: the model has {n} sites, "
+                    f"got {len(self.explicit)} rates"
+                )
+            return list(self.explicit)
+        return _rates(n, self.p, self.rule, profile)

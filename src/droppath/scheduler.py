@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from droppath._checks import check_choice, check_int, check_model, check_positive_int
+from droppath._checks import check_int, check_model, check_positive_int
 from droppath._time_rules import (
     TIME_RULE_TABLE,
     TIME_RULES,
@@ -22,13 +22,9 @@ from droppath._time_rules import (
     TimeRule,
     check_time_options,
 )
-from droppath.rates import DEFAULT_RULE, DEPTH_RULES
-from droppath.sites import (
-    check_reaches,
-    is_drop_path_site,
-    resolve_site_rates,
-    set_site_rate,
-)
+from droppath.rates import DEFAULT_RULE, Rates
+from droppath.site_rates import check_reaches, resolve_site_rates
+from droppath.sites import SiteTable, is_drop_path_site, set_site_rate
 
 __all__ = [
     "TIME_RULES",
@@ -107,10 +103,11 @@ class DropRateScheduler:
         **rule_options: Any,
     ) -> None:
         check_model(model, "DropRateScheduler")
-        check_choice(depth_rule, "depth_rule", DEPTH_RULES)
-        check_reaches(model, p, "DropRateScheduler")
+        rates = Rates.of(p, depth_rule, "depth_rule")
+        table = SiteTable.of(model)
+        check_reaches(table, rates, "DropRateScheduler", type(model).__name__)
         self.model = model
-        planned = resolve_site_rates(model, p, depth_rule)
+        planned = resolve_site_rates(model, table, rates)
         self.site_names = [name for name, _ in planned]
         self.base_rates = [rate for _, rate in planned]
         self.depth_rule = depth_rule

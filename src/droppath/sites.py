@@ -1,4 +1,4 @@
-"""Drop-path sites: finding them in any model, their rates across depth, and ``convert``.
+"""Drop-path sites: finding them in any model (``SiteTable``), their rates, and ``convert``.
 
 Drop-path sites are found by duck typing, without importing the libraries that define them:
 droppath's ``DropPath`` and ``Residual``; timm's ``DropPath`` (attribute ``drop_prob``);
@@ -12,34 +12,24 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from droppath._checks import check_choice, check_model, check_probability
+from droppath._checks import check_model, check_probability
 from droppath._swap import mixed_class
-from droppath._warn import warn
 from droppath.drop import DropPath
 from droppath.layerdrop import is_layer_drop_site
-from droppath.rates import (
-    DEFAULT_RULE,
-    DEPTH_RULES,
-    MODEL_RULE,
-    depth_rates,
-    positional_rule,
-    resolve_rates,
-)
 from droppath.residual import Residual
 
 __all__ = [
-    "check_reaches",
+    "SiteTable",
     "convert",
     "drop_path_sites",
     "empty_slots",
     "fill_slots",
     "is_drop_path_site",
-    "resolve_site_rates",
-    "set_drop_rates",
     "set_site_rate",
     "site_positions",
     "site_rate",
@@ -89,8 +79,12 @@ def empty_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     A slot is an attribute named ``drop_path*``, ``stochastic_depth*`` or ``stochastic_dropout``
     that holds ``nn.Identity`` or None, where the libraries put no module for a rate of 0.
     """
+    return _slots(dict(model.named_modules()))
+
+
+def _slots(modules: dict[str, nn.Module]) -> list[tuple[str, nn.Module, str]]:
     found = []
-    for owner_name, owner in model.named_modules():
+    for owner_name, owner in modules.items():
         if isinstance(owner, _CONTAINERS):
             continue
         attrs = [(k, v) for k, v in owner._modules.items()]
@@ -101,7 +95,7 @@ def empty_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-def _block_of(model: nn.Module, name: str, module: nn.Module | None) -> str:
+def _block_of(modules: dict[str, nn.Module], name: str, module: nn.Module | None) -> str:
     """The block a site (or empty slot) ``name`` belongs to, for its depth position.
 
     Libraries give one rate per block (a ViT block's two residuals share it; a MaxViT layer's three
@@ -115,13 +109,13 @@ def _block_of(model: nn.Module, name: str, module: nn.Module | None) -> str:
     stands_alone = module is not None and (
         isinstance(module, Residual) or is_layer_drop_site(module)
     )
-    parent = model.get_submodule(".".join(parts[:-1])) if parts else None
+    parent = modules.get(".".join(parts[:-1])) if parts else None
     if not stands_alone and not isinstance(parent, _CONTAINERS):
         parts = parts[:-1]
     owner = parts
     while parts:
-        container = model.get_submodule(".".join(parts[:-1]))
-        here = model.get_submodule(".".join(parts))
+        container = modules[".".join(parts[:-1])]
+        here = modules[".".join(parts)]
         if isinstance(container, _CONTAINERS) and all(
             type(m) is type(here) for m in container.children()
         ):
@@ -130,20 +124,42 @@ def _block_of(model: nn.Module, name: str, module: nn.Module | None) -> str:
     return ".".join(owner)
 
 
-def site_positions(model: nn.Module, names: Sequence[str]) -> tuple[list[int], int]:
-    """The depth position of each site in ``names`` and the number of positions of ``model``.
+@dataclass(frozen=True)
+class SiteTable:
+    """One walk of a model: its drop-path sites and its empty slots, in forward order, and the
+    depth position (block, see ``_block_of``) of each, built once per call and passed down.
 
-    Positions are blocks (see ``_block_of``), counted in forward order, blocks whose slot is empty
-    included: with them, ``depth_rates`` gives exactly what the libraries compute at build time.
+    Attributes:
+        sites: ``(qualified name, module)`` of every site (``drop_path_sites``).
+        slots: ``(qualified name, owner, attribute)`` of every empty slot (``empty_slots``).
+        positions: the position of each site and slot, by name; blocks whose slot is empty
+            count, so that ``depth_rates`` gives what the libraries compute at build time.
+        depth: the number of positions.
     """
-    modules = dict(model.named_modules())
-    everything = [*names, *(n for n, _ in drop_path_sites(model))]
-    everything += [name for name, _, _ in empty_slots(model)]
-    blocks = {name: _block_of(model, name, modules.get(name)) for name in everything}
-    order = {name: i for i, name in enumerate(modules)}
-    every = sorted(set(blocks.values()), key=lambda b: order.get(b, -1))
-    index = {block: i for i, block in enumerate(every)}
-    return [index[blocks[name]] for name in names], len(every)
+
+    sites: tuple[tuple[str, nn.Module], ...]
+    slots: tuple[tuple[str, nn.Module, str], ...]
+    positions: dict[str, int]
+    depth: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> SiteTable:
+        modules = dict(model.named_modules())
+        sites = tuple((n, m) for n, m in modules.items() if _kind(m) is not None)
+        slots = tuple(_slots(modules))
+        blocks = {name: _block_of(modules, name, m) for name, m in sites}
+        blocks.update({name: _block_of(modules, name, None) for name, _, _ in slots})
+        order = {name: i for i, name in enumerate(modules)}
+        every = sorted(set(blocks.values()), key=lambda b: order.get(b, -1))
+        index = {block: i for i, block in enumerate(every)}
+        return cls(sites, slots, {n: index[b] for n, b in blocks.items()}, len(every))
+
+
+def site_positions(model: nn.Module, names: Sequence[str]) -> tuple[list[int], int]:
+    """The depth position of each site or empty slot in ``names`` and the number of positions
+    of ``model`` (``SiteTable``)."""
+    table = SiteTable.of(model)
+    return [table.positions[name] for name in names], table.depth
 
 
 def site_rate(site: nn.Module) -> float:
@@ -164,55 +180,6 @@ def set_site_rate(site: nn.Module, rate: float) -> None:
     setattr(site, _kind(site) or "p", rate)
 
 
-def _is_rates(p: Any) -> bool:
-    return isinstance(p, Sequence) and not isinstance(p, str)
-
-
-def _resolve_rates(
-    model: nn.Module, sites: Sequence[tuple[str, nn.Module]], p: float | Sequence[float], rule: str
-) -> list[float]:
-    """One rate per site: ``p`` itself if it is a sequence; by ``"model"``, each site's own rate
-    scaled; else the rate of the site's block."""
-    if isinstance(p, Sequence) and not isinstance(p, str):
-        return resolve_rates(len(sites), p, rule)
-    profile = [site_rate(m) for _, m in sites] if rule == MODEL_RULE else None
-    rule = positional_rule(check_choice(rule, "rule", DEPTH_RULES), profile)
-    if rule == MODEL_RULE:
-        return depth_rates(len(sites), p, rule, profile=profile)
-    positions, n = site_positions(model, [name for name, _ in sites])
-    rates = depth_rates(n, p, rule)
-    return [rates[i] for i in positions]
-
-
-# What droppath looks for in a model, for the message of a call that finds nothing.
-_SEARCHED = (
-    "drop-path modules (droppath's DropPath, Residual and layer-drop layers, timm's DropPath, "
-    "torchvision's StochasticDepth, Hugging Face's *DropPath) and empty drop-path slots "
-    "(attributes drop_path*, stochastic_depth* or stochastic_dropout holding nn.Identity or None)"
-)
-
-
-def check_reaches(model: nn.Module, p: Any, action: str) -> None:
-    """Refuse a ``p`` above 0 that reaches nothing in ``model``, and warn about any other call
-    (``p`` None or 0) that has nothing to act on: a silent no-op would train a model without
-    stochastic depth. ``p`` (None, a rate or a sequence of rates) is checked first."""
-    if p is None:
-        rates = []
-    elif _is_rates(p):
-        rates = [check_probability(v, f"p[{i}]") for i, v in enumerate(p)]
-    else:
-        rates = [check_probability(p)]
-    if drop_path_sites(model) or empty_slots(model):
-        return
-    found = (
-        f"{action} found nothing to act on in this {type(model).__name__}: it looked for "
-        f"{_SEARCHED}"
-    )
-    if any(r > 0.0 for r in rates):
-        raise ValueError(f"p={p!r} reaches no drop-path site: {found}")
-    warn(f"{found}; nothing was changed")
-
-
 def fill_slots(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
     """Put a ``droppath.DropPath(0.0)`` in the empty slots ``names`` (default: all) of ``model``.
 
@@ -230,95 +197,6 @@ def fill_slots(model: nn.Module, names: Sequence[str] | None = None) -> list[str
                 owner.add_module(attr, DropPath(0.0).train(owner.training))
             filled.append(name)
     return filled
-
-
-def _fill_where_dropping(model: nn.Module, p: float | Sequence[float], rule: str) -> None:
-    """Fill the empty slots that ``p`` and ``rule`` give a rate above 0 (none where ``"model"``
-    keeps the profile of a model that has one: its empty slots have rate 0 in it)."""
-    if _is_rates(p):
-        return
-    p = check_probability(p)
-    check_choice(rule, "rule", DEPTH_RULES)
-    if rule == MODEL_RULE:
-        rule = positional_rule(rule, [site_rate(m) for _, m in drop_path_sites(model)])
-        if rule == MODEL_RULE:
-            return
-    slots = [name for name, _, _ in empty_slots(model)]
-    if slots and p > 0.0:
-        positions, n = site_positions(model, slots)
-        rates = depth_rates(n, p, rule)
-        fill_slots(model, [s for s, i in zip(slots, positions, strict=True) if rates[i] > 0.0])
-
-
-def set_drop_rates(
-    model: nn.Module, p: float | Sequence[float], rule: str = DEFAULT_RULE
-) -> list[tuple[str, float]]:
-    """Set the drop rate of every drop-path site of ``model`` by a depth rule.
-
-    By default (``rule="model"``) each site keeps its share of the model's current rates, scaled
-    so that the largest is ``p``: a model built with timm's, torchvision's or Hugging Face's
-    ``drop_path_rate`` keeps its library's curve. A model whose rates are all 0 gets
-    ``"linspace"``, what those libraries compute.
-
-    The positional rules go by block, as the libraries compute them: the sites of one block (a
-    ViT block's attention and MLP) share its rate, and a block whose slot is empty (timm and
-    Hugging Face put ``nn.Identity`` or None there when a rate is 0) still counts as a position.
-    Such a slot that gets a rate above 0 receives a ``DropPath`` (no parameters, so
-    ``state_dict()`` keys do not change). With the same ``p``, ``rule="linspace"`` reproduces
-    timm's, torchvision's and Hugging Face's rates, and ``rule="efficientnet"`` EfficientNet's.
-
-    A ``p`` above 0 on a model with no drop-path site and no empty slot raises ``ValueError``;
-    ``p = 0`` there warns.
-
-    Args:
-        model: any module (not a traced ``torch.fx.GraphModule``); its sites are found by
-            ``drop_path_sites``.
-        p: the largest rate for ``rule`` (see ``depth_rates``), or an explicit sequence with
-            one rate per site (empty slots excluded).
-        rule: a depth rule of ``depth_rates``. Default: ``"model"``.
-
-    Returns:
-        ``(qualified module name, rate)`` for every site set, in forward order.
-
-    Examples:
-        >>> from torch import nn
-        >>> from droppath import Residual, set_drop_rates
-        >>> model = nn.Sequential(*[Residual(nn.Linear(4, 4)) for _ in range(4)])
-        >>> set_drop_rates(model, 0.3, rule="linear")
-        [('0', 0.075), ('1', 0.15), ('2', 0.22499999999999998), ('3', 0.3)]
-        >>> set_drop_rates(model, 0.2)  # the same profile, up to 0.2
-        [('0', 0.05), ('1', 0.1), ('2', 0.15000000000000002), ('3', 0.2)]
-        >>> model[3].p
-        0.2
-    """
-    check_model(model, "set_drop_rates")
-    check_choice(rule, "rule", DEPTH_RULES)
-    check_reaches(model, p, "set_drop_rates")
-    sites, rates = _plan(model, p, rule)
-    for (_, site), rate in zip(sites, rates, strict=True):
-        set_site_rate(site, rate)
-    return [(name, rate) for (name, _), rate in zip(sites, rates, strict=True)]
-
-
-def resolve_site_rates(
-    model: nn.Module, p: float | Sequence[float], rule: str
-) -> list[tuple[str, float]]:
-    """The rate ``p`` and ``rule`` give each drop-path site of ``model``, set on none of them:
-    what ``set_drop_rates`` sets, for ``p`` and ``rule`` as there.
-
-    The empty slots that get a rate above 0 are filled first (with ``DropPath(0.0)``), so the
-    sites listed are those of the model after the call, in forward order.
-    """
-    sites, rates = _plan(model, p, rule)
-    return [(name, rate) for (name, _), rate in zip(sites, rates, strict=True)]
-
-
-def _plan(
-    model: nn.Module, p: float | Sequence[float], rule: str
-) -> tuple[list[tuple[str, nn.Module]], list[float]]:
-    _fill_where_dropping(model, p, rule)
-    sites = drop_path_sites(model)
-    return sites, _resolve_rates(model, sites, p, rule)
 
 
 class _Converted(DropPath):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from droppath.apps.bench.config import BenchConfig
-from droppath.sites import set_drop_rates
+from droppath.site_rates import set_drop_rates
 
 __all__ = ["LanguageModelLoss", "LibraryModel", "build_library_model", "build_llama"]
 

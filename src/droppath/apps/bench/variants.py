@@ -16,7 +16,7 @@ from droppath.apps.bench.baselines import (
 )
 from droppath.apps.bench.library_models import LanguageModelLoss, LibraryModel
 from droppath.residual import Residual
-from droppath.sites import set_drop_rates
+from droppath.site_rates import set_drop_rates
 
 __all__ = ["Variant", "variant_model", "variants"]
 
