@@ -147,8 +147,8 @@ def test_deterministic_algorithms_measure_nothing():
 @pytest.mark.parametrize("combine", ["sum", "lerp"])
 def test_mask_step_equals_subset_step_under_the_same_draws(combine):
     # the masked step of skip_add draws on the host as the subset does: same kept rows
+    from droppath._engine import LERP as _LERP
     from droppath._engine import Sum
-    from droppath._layer_step import _LERP
 
     torch.manual_seed(0)
     branch = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
@@ -158,7 +158,7 @@ def test_mask_step_equals_subset_step_under_the_same_draws(combine):
         spec = DropSpec(0.4, strategy=strategy)
         gen = torch.Generator().manual_seed(3)
         kw = {"combine": Sum() if combine == "sum" else _LERP}
-        y = skip_add(x, lambda t: t + branch(t), spec, generator=gen, **kw)
+        y = skip_add(x, lambda t: t + branch(t), spec, source=gen, **kw)
         (g,) = torch.autograd.grad(y.square().sum(), x)
         results.append((y, g))
     (y0, g0), (y1, g1) = results

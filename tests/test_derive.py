@@ -549,3 +549,54 @@ def test_a_site_on_rows_regrouped_by_the_batch_size_skips_those_rows():
     assert block._droppath_candidates[state.chosen].source == third
     runs = seen[-5:]  # after the check: rows of 4 samples x 3 frames, the dropped ones skipped
     assert all(n <= 12 for n in runs) and any(n < 12 for n in runs), seen
+
+
+def test_the_check_runs_the_engine_step_that_training_runs(monkeypatch):
+    """Issue 28, item 1: a derived sum, checked or in training, takes the engine's one step
+    (``skip_add``); in the check with forced decisions (``ForcedDrop.decisions``), so that the
+    check tests the step training runs, fillers and the all-dropped form included."""
+    import droppath._derive.ops as ops
+
+    seen = []
+    real = ops.skip_add
+
+    def spy(x, branch, spec, **kw):
+        seen.append(kw.get("source"))
+        return real(x, branch, spec, **kw)
+
+    monkeypatch.setattr(ops, "skip_add", spy)
+    block = _stack(Statements, 0.5)
+    block.train()
+    block(torch.randn(8, 5, D)).sum().backward()  # the check, then the derived forward
+    assert block._droppath_state.verified
+    forced = [s for s in seen if s is not None]
+    assert forced and all(
+        getattr(s, "__self__", None).__class__.__name__ == "ForcedDrop" for s in forced
+    )
+    assert None in seen  # the training call itself: decisions drawn now
+    seen.clear()
+    block(torch.randn(8, 5, D)).sum().backward()
+    assert seen == [None]
+
+
+def test_few_droppath_frames_between_a_block_and_its_branch():
+    """Issue 28, item 6: from an accelerated block's call to its branch's code, droppath's own
+    files hold at most 4 frames (the block's forward, the training forward, the derived op, the
+    engine's step); the generated code is not counted."""
+    import traceback
+    from pathlib import Path
+
+    import droppath
+
+    package = str(Path(droppath.__file__).resolve().parent)
+    block = _stack(Statements, 0.5)
+    block.train()
+    block(torch.randn(8, 5, D))  # the check
+    stacks = []
+    block.fc.register_forward_pre_hook(lambda *_: stacks.append(traceback.extract_stack()))
+    for _ in range(20):
+        block(torch.randn(8, 5, D))
+        if stacks:
+            break
+    own = [f for f in stacks[-1] if str(Path(f.filename).resolve()).startswith(package)]
+    assert 1 <= len(own) <= 4, [f"{Path(f.filename).name}:{f.name}" for f in own]

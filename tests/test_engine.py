@@ -187,7 +187,7 @@ class TestSkipAdd:
         x = torch.randn(16, 4)
         branch = nn.Linear(4, 4)
         spec = DropSpec(0.5)
-        out = skip_add(x, branch, spec, generator=torch.Generator().manual_seed(3))
+        out = skip_add(x, branch, spec, source=torch.Generator().manual_seed(3))
         ref = drop_add_residual(x, branch, 0.5, generator=torch.Generator().manual_seed(3))
         assert torch.equal(out, ref)
 

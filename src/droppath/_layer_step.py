@@ -2,8 +2,9 @@
 
 A layer ``L(x, *args, **kwargs) = x + f(x, ...)`` takes ``droppath._engine.skip_add`` as a
 residual does, with two differences: its call (``LayerCall``) gathers every batch-shaped
-argument with the kept rows, and a kept row becomes ``lerp(x, L(x), scale)``, exactly ``L(x)``
-when ``scale`` is 1. A layer handed a key/value cache runs for every sample.
+argument with the kept rows, and its combination is the engine's ``Lerp``: a kept row becomes
+``lerp(x, L(x), scale)``, exactly ``L(x)`` when ``scale`` is 1. A layer handed a key/value cache
+runs for every sample.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from droppath._checks import check_input
 from droppath._engine import (
+    LERP,
     Drawn,
     DropSpec,
-    Subset,
-    ahead_lerp,
     ahead_rows,
+    check_shape,
     eager,
     gather,
     host_side,
@@ -131,40 +131,6 @@ class LayerCall:
         return self
 
 
-def _check_shape(out: Tensor, inputs: Tensor) -> None:
-    """A layer's hidden states must come back in the shape they went in."""
-    if out.shape != inputs.shape:
-        raise ValueError(
-            f"layer output must have the shape of its input, got {tuple(out.shape)} for "
-            f"an input of shape {tuple(inputs.shape)}"
-        )
-
-
-class _Lerp:
-    """Layer drop's combination: a kept row becomes ``x + scale * (L(x) - x)``, computed as
-    ``lerp``, which gives exactly ``L(x)`` when ``scale`` is 1 (its end point at weight 1)."""
-
-    @eager
-    def whole(self, base: Tensor, out: Tensor, scale: float) -> Tensor:
-        return out if scale == 1.0 else torch.lerp(base.to(out.dtype), out, scale)
-
-    @eager
-    def subset(self, base: Tensor, out: Tensor, rows: Subset, scale: float) -> Tensor:
-        k, dim, inputs = rows.idx.shape[0], rows.dim, rows.inputs
-        if out.shape[dim] > k:  # rows run only to avoid a batch of one
-            out, inputs = out.narrow(dim, 0, k), inputs.narrow(dim, 0, k)
-        _check_shape(out, inputs)
-        new = torch.lerp(inputs.to(out.dtype), out, scale) if scale != 1.0 else out
-        return base.to(new.dtype).index_copy(dim, rows.idx, new)
-
-    @eager
-    def masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
-        return torch.lerp(base.to(out.dtype), out, mask.to(out.dtype))
-
-
-_LERP = _Lerp()
-
-
 @host_side
 def drop_layer(call: LayerCall, spec: DropSpec, template: int | None) -> tuple[Any, int | None]:
     """One training call of a layer-drop site with settings ``spec``: the layer's output, and the
@@ -173,7 +139,7 @@ def drop_layer(call: LayerCall, spec: DropSpec, template: int | None) -> tuple[A
     if spec.p > 0.0 and cache_passed(call.args, call.kwargs):
         warn(_CACHE_WARNING)
         spec = replace(spec, p=0.0)
-    hidden = skip_add(call.x, call, spec, combine=_LERP)
+    hidden = skip_add(call.x, call, spec, combine=LERP)
     if call.out is None:  # every sample dropped: the layer never ran
         return passthrough(hidden, template), template
     return _with_hidden(call.out, hidden), _template(call.out)
@@ -193,5 +159,5 @@ def ahead_layer(call: LayerCall, drawn: Drawn, dim: int) -> tuple[Any, int]:
     rows = ahead_rows(call.x, drawn, dim)
     out = call.fn(rows, *args, **kwargs)
     hidden = _hidden(out)
-    _check_shape(hidden, rows)
-    return _with_hidden(out, ahead_lerp(call.x, hidden, drawn, dim)), _template(out)
+    check_shape(hidden, rows)
+    return _with_hidden(out, LERP.ahead(call.x, hidden, drawn, dim)), _template(out)

@@ -157,7 +157,7 @@ def _host_step(
 ) -> Tensor:
     """A skipping training step of ``drop_add_residual``, its arguments checked on the host."""
     spec = _spec_on_host(x, branch, settings, shortcut)
-    return skip_add(x, branch, spec, shortcut=shortcut, generator=generator)
+    return skip_add(x, branch, spec, shortcut=shortcut, source=generator)
 
 
 # Called from the host-side step, whose callees would otherwise compile.

@@ -8,13 +8,14 @@ host-side op.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 
 from droppath._derive.ops import BranchFn, add, radd, reference, rows, stand_in
 from droppath._derive.state import block_state
-from droppath._engine import Drawn, ahead_put, ahead_rows, fitting, gather
+from droppath._engine import FILL_AHEAD, SUM, SUM_BRANCH_FIRST, Drawn, ahead_rows, fitting, gather
 
 __all__ = ["AHEAD_OPS", "add_ahead", "radd_ahead", "rows_ahead"]
 
@@ -57,49 +58,34 @@ def _run(
     return result[0], tuple(stand_in(v, dim, n) for v in result[1:])
 
 
-def _sum_ahead(
-    block: nn.Module,
-    site: str,
-    base: Tensor,
-    fn: BranchFn,
-    args: tuple[Any, ...],
-    how: tuple[bool, int],
-) -> Any:
-    """``add_ahead``, or with ``how[0]`` (the branch output the sum's first operand)
-    ``radd_ahead``; ``how[1]``: the values the branch returns beside its output."""
-    first, sides = how
-    found = _drawn(getattr(block, site), base)
-    if found is None:
-        return (radd if first else add)(block, site, base, fn, args, sides=sides)
-    out, rest = _run(block, fn, args, base, found, sides)
-    y = ahead_put(base, out, *found, branch_layout=first)
-    return (y, *rest) if sides else y
+def _summing_ahead(branch_first: bool) -> Callable[..., Any]:
+    """``add_ahead``, or with ``branch_first`` ``radd_ahead``: one op, two sums."""
+    combine = SUM_BRANCH_FIRST if branch_first else SUM
+    host = radd if branch_first else add
+
+    def add_ahead(
+        block: nn.Module,
+        site: str,
+        base: Tensor,
+        fn: BranchFn,
+        args: tuple[Any, ...],
+        *,
+        sides: int = 0,
+    ) -> Any:
+        found = _drawn(getattr(block, site), base)
+        if found is None:
+            return host(block, site, base, fn, args, sides=sides)
+        out, rest = _run(block, fn, args, base, found, sides)
+        y = combine.ahead(base, out, *found)
+        return (y, *rest) if sides else y
+
+    return add_ahead
 
 
-def add_ahead(
-    block: nn.Module,
-    site: str,
-    base: Tensor,
-    fn: BranchFn,
-    args: tuple[Any, ...],
-    *,
-    sides: int = 0,
-) -> Any:
-    """``add`` with the site's decisions drawn ahead."""
-    return _sum_ahead(block, site, base, fn, args, (False, sides))
-
-
-def radd_ahead(
-    block: nn.Module,
-    site: str,
-    base: Tensor,
-    fn: BranchFn,
-    args: tuple[Any, ...],
-    *,
-    sides: int = 0,
-) -> Any:
-    """``radd`` with the site's decisions drawn ahead."""
-    return _sum_ahead(block, site, base, fn, args, (True, sides))
+add_ahead = _summing_ahead(False)
+add_ahead.__doc__ = "``add`` with the site's decisions drawn ahead."
+radd_ahead = _summing_ahead(True)
+radd_ahead.__doc__ = "``radd`` with the site's decisions drawn ahead."
 
 
 def rows_ahead(
@@ -111,7 +97,7 @@ def rows_ahead(
     if found is None:
         return rows(block, site, fn, args, sides=sides)
     out, rest = _run(block, fn, args, None, found, sides)
-    y = ahead_put(None, out, *found)
+    y = FILL_AHEAD.ahead(None, out, *found)
     return (y, *rest) if sides else y
 
 

@@ -7,8 +7,9 @@ The branch runs on the kept rows of every argument that holds one row per sample
 batch dimension has the batch size and that has at least ``BlockState.gather`` dimensions, 3 by
 default, inside tuples, lists and dicts too); the others are passed whole. A shared ``(tokens,
 dim)`` table whose tokens happen to equal the batch size is so never cut; a block that needs its
-2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``). In training,
-``add`` takes the step of every other site, ``droppath._engine.skip_add``.
+2-dimensional side inputs gathered is verified with 2 (see ``droppath.acceleration``). In training
+and in the check alike, each takes the step of every other site, ``droppath._engine.skip_add``,
+with the engine's ``Sum`` or ``Fill``; the check only forces the decisions (``ForcedDrop``).
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from torch import Tensor, nn
 from droppath._checks import check_input
 from droppath._derive.state import block_state
 from droppath._engine import (
+    SUM,
+    SUM_BRANCH_FIRST,
     DropSpec,
-    Sum,
-    draw,
+    Fill,
     eager,
+    forced,
     gather,
     host_side,
-    scatter_add,
     skip_add,
-    split,
     zeros_for,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
 
 BranchFn = Callable[..., Tensor]
 _BASE = object()  # stands for the rows of the sum's base among a branch's arguments
+_NO_KWARGS: dict[str, Any] = {}
 
 
 class _Gathered:
@@ -73,11 +75,21 @@ class _Gathered:
         self.sides = sides
 
     def __call__(self, x: Tensor | None) -> Tensor:
-        out = self.fn(self.block, *[x if a is _BASE else a for a in self.args])
+        return self.finish(self.fn(self.block, *[x if a is _BASE else a for a in self.args]))
+
+    def direct(self, x: Tensor | None) -> tuple[BranchFn, tuple[Any, ...], dict[str, Any]]:
+        """What the engine's step calls for ``self(x)`` (then ``finish``): the derived branch
+        function itself, so that no frame stands between the step and the branch's code."""
+        return self.fn, (self.block, *[x if a is _BASE else a for a in self.args]), _NO_KWARGS
+
+    def finish(self, out: Any) -> Tensor:
+        """The branch's output; with ``sides``, the values returned beside it are kept."""
         if self.sides is None:
-            return out
+            result: Tensor = out
+            return result
         self.sides[:] = out[1:]
-        return out[0]
+        first: Tensor = out[0]
+        return first
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.block.parameters()
@@ -185,93 +197,85 @@ def reference(args: Any, dim: int) -> Tensor | None:
     return None
 
 
-@host_side
-def add(
-    block: nn.Module,
-    site: str,
-    base: Tensor,
-    fn: BranchFn,
-    args: tuple[Any, ...],
-    *,
-    sides: int = 0,
-) -> Any:
-    """``base + block.<site>(fn(block, *args))``, the dropped work skipped. With ``sides``, the
-    branch returns that many values beside its output, which come back after the sum."""
-    return _sum(getattr(block, site), base, _branch(fn, block, args, base, sides), False, sides)
+def _summing(branch_first: bool) -> Callable[..., Any]:
+    """``add``, or with ``branch_first`` ``radd``: one step, two sums."""
+    combine = SUM_BRANCH_FIRST if branch_first else SUM
+
+    @host_side
+    def add(
+        block: nn.Module,
+        site: str,
+        base: Tensor,
+        fn: BranchFn,
+        args: tuple[Any, ...],
+        *,
+        sides: int = 0,
+    ) -> Any:
+        drop = getattr(block, site)
+        branch = _branch(fn, block, args, base, sides)
+        if isinstance(drop, ForcedDrop) or drop.training:
+            spec = drop.spec
+            decide = drop.decisions if isinstance(drop, ForcedDrop) else None
+            check_input(base, spec.batch_dim)
+            drop._ahead_rows = (base.shape[spec.batch_dim % base.dim()], base.device)  # draw_ahead
+            # the training step: this frame runs on the host, so no graph reads the rate
+            out = skip_add(base, branch, spec, combine=combine, source=decide)
+            if out.data_ptr() == base.data_ptr():
+                # every sample dropped: the sum is the base itself, which the block may then
+                # change in place (an in-place activation after it) while autograd needs it
+                out = out.clone()
+        else:
+            y = branch(base)
+            out = y + base if branch_first else base + y
+        if not sides:
+            return out
+        dim = int(getattr(drop, "batch_dim", 0)) % base.dim()
+        return _with_sides(branch, out, dim, base.shape[dim])
+
+    return add
 
 
-@host_side
-def radd(
-    block: nn.Module,
-    site: str,
-    base: Tensor,
-    fn: BranchFn,
-    args: tuple[Any, ...],
-    *,
-    sides: int = 0,
-) -> Any:
-    """``add`` for ``block.<site>(fn(block, *args)) + base``: the branch output is the sum's
-    first operand (whose memory format the sum takes)."""
-    return _sum(getattr(block, site), base, _branch(fn, block, args, base, sides), True, sides)
-
-
-@host_side
-def _sum(drop: Any, base: Tensor, branch: _Gathered, branch_first: bool, sides: int) -> Any:
-    if isinstance(drop, ForcedDrop):
-        out = drop.add(base, branch, branch_first)
-    elif not drop.training:
-        y = branch(base)
-        out = y + base if branch_first else base + y
-    else:
-        # the training step: this frame runs on the host, so no graph reads the rate
-        spec = drop.spec
-        check_input(base, spec.batch_dim)
-        drop._ahead_rows = (base.shape[spec.batch_dim % base.dim()], base.device)  # draw_ahead
-        out = skip_add(base, branch, spec, combine=Sum(branch_first))
-        if out.data_ptr() == base.data_ptr():
-            # every sample dropped: the sum is the base itself, which the block may then change
-            # in place (an in-place activation after the sum) while autograd still needs it
-            out = out.clone()
-    if not sides:
-        return out
-    dim = int(getattr(drop, "batch_dim", 0)) % base.dim()
-    return _with_sides(branch, out, dim, base.shape[dim])
+add = _summing(False)
+add.__doc__ = """``base + block.<site>(fn(block, *args))``, the dropped work skipped: the engine's
+step with its ``Sum``, decisions drawn now, or forced by the check (``ForcedDrop``). With
+``sides``, the branch returns that many values beside its output, which come back after the
+sum."""
+radd = _summing(True)
+radd.__doc__ = """``add`` for ``block.<site>(fn(block, *args)) + base``: the branch output is the
+sum's first operand (whose memory format the sum takes)."""
 
 
 @host_side
 def rows(
     block: nn.Module, site: str, fn: BranchFn, args: tuple[Any, ...], *, sides: int = 0
 ) -> Any:
-    """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros; with
-    ``sides``, followed by the values the branch returns beside its output."""
+    """``block.<site>(fn(block, *args))``: the kept rows computed, the dropped ones zeros (the
+    engine's step with its ``Fill``); with ``sides``, followed by the values the branch returns
+    beside its output."""
     drop = getattr(block, site)
     branch = _branch(fn, block, args, None, sides)
-    out = _rows(drop, block, site, branch)
+    ref = branch.ref
+    dim = int(getattr(drop, "batch_dim", 0)) % ref.dim()
+    if isinstance(drop, ForcedDrop) or (drop.training and drop.spec.p > 0.0):
+        decide = drop.decisions if isinstance(drop, ForcedDrop) else None
+        if decide is None:
+            drop._ahead_rows = (int(ref.shape[dim]), ref.device)  # what draw_ahead draws for
+        fill = _fill(block, site, ref, dim)
+        out = skip_add(ref, branch, drop.spec, combine=fill, source=decide)
+    else:
+        out = branch(None)
     if not sides:
         return out
-    dim = int(getattr(drop, "batch_dim", 0)) % branch.ref.dim()
-    return _with_sides(branch, out, dim, branch.ref.shape[dim])
+    return _with_sides(branch, out, dim, ref.shape[dim])
 
 
-@host_side  # reads the rate, draws: never a frame of its own under torch.compile
-def _rows(drop: Any, block: nn.Module, site: str, branch: _Gathered) -> Tensor:
-    if isinstance(drop, ForcedDrop):
-        return drop.rows(branch)
-    spec: DropSpec = drop.spec
-    if not drop.training or spec.p == 0.0:
-        return branch(None)
-    ref = branch.ref
-    dim = spec.batch_dim % ref.dim()
-    n = int(ref.shape[dim])
-    drop._ahead_rows = (n, ref.device)  # what droppath.draw_ahead draws for
-    kept = draw(spec, n, ref.device, branch=branch)
-    if kept is True:
-        return _remember(block, site, ref, dim, branch(None)) * spec.scale
-    if kept is False:
-        return _zeros(block, site, branch, ref, dim, n)
-    idx, run = kept
-    out = _remember(block, site, ref, dim, branch.at_rows(run, dim)(None))
-    return _fill(out, idx, n, dim, spec.scale)
+def _fill(block: nn.Module, site: str, ref: Tensor, dim: int) -> Fill:
+    """The ``Fill`` of a site used otherwise than in a sum: its output shape is remembered by
+    the steps that run the branch, for those that drop every row (zeros of that shape)."""
+    return Fill(
+        zeros=lambda branch: _zeros(block, site, branch, ref, dim, int(ref.shape[dim])),
+        seen=lambda out: _remember(block, site, ref, dim, out),
+    )
 
 
 def _key(site: str, ref: Tensor, dim: int) -> tuple[Any, ...]:
@@ -306,28 +310,27 @@ def _zeros(block: nn.Module, site: str, branch: _Gathered, ref: Tensor, dim: int
     return zeros_for(ref, shape, dtype, branch)  # with the parameters' zero gradients
 
 
-@eager
-def _fill(out: Tensor, idx: Tensor, n: int, dim: int, scale: float) -> Tensor:
-    """A tensor of ``n`` rows along ``dim``: zeros, and ``scale`` times ``out``'s first rows at
-    ``idx``."""
-    k = idx.shape[0]
-    out = out.narrow(dim, 0, k)
-    shape = list(out.shape)
-    shape[dim] = n
-    return out.new_zeros(shape).index_add(dim, idx, out, alpha=scale)
-
-
 class ForcedDrop(nn.Module):
     """A site's stand-in while a derived forward is verified: the same keep decisions for the
-    original forward (a mask, as the site computes it) and the derived one (the rows), drawn from
-    ``decide(n)`` in call order."""
+    original forward (a mask, as the site computes it) and the derived one, drawn from
+    ``decide(n)`` in call order. The derived forward takes the engine's step with them
+    (``decisions``), the step it takes in training."""
 
     def __init__(self, site: nn.Module, decide: Callable[[int], Tensor]) -> None:
         super().__init__()
         p = float(getattr(site, "p", 0.5))
         keep = 1.0 - p if 0.0 < p < 1.0 else 0.5
-        self.scale = 1.0 / keep if getattr(site, "scale_by_keep", True) else 1.0
+        scale_by_keep = bool(getattr(site, "scale_by_keep", True))
         self.batch_dim = int(getattr(site, "batch_dim", 0))
+        bucket = getattr(getattr(site, "spec", None), "bucket", None)
+        self.spec = DropSpec(
+            1.0 - keep,
+            batch_dim=self.batch_dim,
+            scale_by_keep=scale_by_keep,
+            strategy="subset",
+            bucket=bucket,
+        )
+        self.scale = self.spec.scale
         self.decide = decide
 
     def _kept(self, x: Tensor) -> tuple[Tensor, int]:
@@ -341,15 +344,6 @@ class ForcedDrop(nn.Module):
         mask = (kept.to(torch.float32) * self.scale).to(x.dtype).reshape(shape)
         return x * mask
 
-    def add(self, base: Tensor, branch: _Gathered, branch_first: bool) -> Tensor:
-        kept, dim = self._kept(base)
-        idx = kept.nonzero().squeeze(1)
-        x_all, rows_ = split(base, idx, dim)
-        out = branch.at_rows(idx, dim)(rows_)
-        return scatter_add(x_all, out, idx, dim, scale=self.scale, branch_layout=branch_first)
-
-    def rows(self, branch: _Gathered) -> Tensor:
-        kept, dim = self._kept(branch.ref)
-        idx = kept.nonzero().squeeze(1)
-        n = branch.ref.shape[dim]
-        return _fill(branch.at_rows(idx, dim)(None), idx, n, dim, self.scale)
+    def decisions(self, n: int, device: torch.device, branch: Any) -> Any:
+        """The next decisions, for the engine's step (``droppath._engine.forced``)."""
+        return forced(self.decide(n), device, self.spec.bucket, branch=branch)

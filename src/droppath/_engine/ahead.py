@@ -6,7 +6,9 @@ the host, before the model's forward (``predraw``, called by the hook that
 ``droppath.draw_ahead`` installs), a site's decisions enter the graph as tensors (``Drawn``): the
 rows to run the branch on, and each row's scale (0 where dropped). Their lengths are dynamic, so
 every draw reuses one graph; the rate lives only in the tensors' values, so a schedule recompiles
-nothing. ``ahead_add`` is the traceable step that reads them.
+nothing. ``ahead_rows`` takes the rows to run and ``ahead_put`` / ``ahead_lerp`` put their
+output back, gathers forward and backward; the combinations' ``ahead`` forms
+(``droppath._engine.combine``) and ``droppath._engine.step.ahead_add`` are built on them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from droppath._engine.draws import draw_kept, draw_rows, to_device
-from droppath._engine.ops import Branch, eager, is_channels_last, promoted
+from droppath._engine.ops import eager, is_channels_last, promoted
 from droppath._engine.spec import DropSpec
 
 
@@ -189,15 +191,3 @@ def ahead_lerp(x: Tensor, out: Tensor, drawn: Drawn, dim: int) -> Tensor:
     backward."""
     y: Tensor = _Put.apply(x.to(out.dtype), out, drawn, dim, True)  # type: ignore[no-untyped-call]
     return y
-
-
-def ahead_add(
-    x: Tensor, branch: Branch, drawn: Drawn, dim: int, shortcut: Branch | None = None
-) -> Tensor:
-    """``shortcut(x) + drop_path(branch(x))`` under the decisions ``drawn``: the branch runs on
-    ``drawn.run``'s rows, and its output, times each kept row's scale, is added back at them.
-
-    Every tensor operation is traceable and a gather, forward and backward: under torch.compile
-    the step is part of the model's graph, the gathers fused with the branch's own operations."""
-    base = x if shortcut is None else shortcut(x)
-    return ahead_put(base, branch(ahead_rows(x, drawn, dim)), drawn, dim)

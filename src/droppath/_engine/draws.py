@@ -9,6 +9,7 @@ seeded with (``droppath._engine.ranks``). ``draw_kept`` and ``draw_gate`` are th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from droppath._engine.spec import DropSpec
 # What ``draw`` returns: True (every row kept), False (every row dropped), or the indices of the
 # kept rows and those of the rows to run (the kept ones, then fillers).
 Kept = bool | tuple[Tensor, Tensor]
+# What makes a step's decisions instead of ``draw``: ``decide(n, device, branch)``, a ``Kept``
+# (see ``forced``).
+Decide = Callable[[int, torch.device, Any], Kept]
 
 
 def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -85,7 +89,12 @@ def draw_rows(
     of ``bucket`` (or ``n``), and by one dropped sample when only one is kept: the branch never
     sees a batch of one, which BatchNorm rejects in training and torch.compile specializes.
     """
-    kept = draw_kept(n, keep, generator)
+    return rows_of(draw_kept(n, keep, generator), device, bucket)
+
+
+def rows_of(kept: Tensor, device: torch.device, bucket: int | None = None) -> tuple[Tensor, Tensor]:
+    """``draw_rows``'s result for the host-side decisions ``kept`` (a bool per row)."""
+    n = kept.shape[0]
     idx = kept.nonzero().squeeze(1)
     run = idx
     k = idx.shape[0]
@@ -168,3 +177,17 @@ def draw_mask(
     if k == n:
         return True
     return to_device(kept.to(torch.float32).mul_(spec.scale), device)
+
+
+@eager
+def forced(
+    kept: Tensor, device: torch.device, bucket: int | None = None, *, branch: Any = None
+) -> Kept:
+    """``draw``'s result for decisions given rather than drawn (``kept``, a bool per row, on the
+    host): the check of an accelerated block forces them, and runs the step training runs."""
+    n, k = kept.shape[0], int(kept.sum())
+    if k == n:
+        return True
+    if k == 0:
+        return _fillers(kept.nonzero().squeeze(1), n, device) if must_call(branch) else False
+    return rows_of(kept, device, bucket)

@@ -1,29 +1,22 @@
 """The training step of a drop-path site: ``skip_add`` skips the dropped work, ``mask_add``
-masks it. ``Residual``, ``drop_add_residual``, ``LayerDrop`` and the forwards that ``accelerate``
-derives all take their step here; which of the two a site takes is ``DropSpec.skips``."""
+masks it, ``ahead_add`` reads decisions drawn ahead. ``Residual``, ``drop_add_residual``,
+``LayerDrop`` and the forwards that ``accelerate`` derives all take their step here, with the
+combination that puts their kept output back (``droppath._engine.combine``); which of the two a
+site takes is ``DropSpec.skips``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from droppath._engine.ahead import Drawn, ahead_rows
+from droppath._engine.combine import SUM, Combine, Subset
 from droppath._engine.cost import AutoChoice, Clock
-from droppath._engine.draws import draw, draw_mask
-from droppath._engine.ops import (
-    Branch,
-    add,
-    eager,
-    host_side,
-    is_channels_last,
-    keep_mask,
-    promoted,
-    scatter_add,
-    skip,
-    split,
-)
+from droppath._engine.draws import Decide, draw, draw_mask
+from droppath._engine.ops import Branch, eager, host_side, keep_mask, promoted, skip, split
 from droppath._engine.spec import DropSpec, masks
 
 
@@ -47,60 +40,6 @@ def _compiled_call(fn: Branch, x: Tensor) -> Tensor:
     return fn(x)
 
 
-class Subset(NamedTuple):
-    """The rows a step ran the branch on: ``idx``, the kept ones, along ``dim``; ``inputs``, the
-    input at the rows run (the kept ones first, then the fillers that ``draw_rows`` adds)."""
-
-    idx: Tensor
-    dim: int
-    inputs: Tensor
-
-
-class Combine(Protocol):
-    """How a kept branch output joins the base of the step (see ``Sum``)."""
-
-    def whole(self, base: Tensor, out: Tensor, scale: float) -> Tensor:
-        """Every row kept: ``out`` is the branch's output on all of them."""
-
-    def subset(self, base: Tensor, out: Tensor, rows: Subset, scale: float) -> Tensor:
-        """Some rows kept: ``out`` is the branch's output on ``rows.inputs``."""
-
-    def masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
-        """Some rows kept, the branch run on every row: ``mask`` is ``scale`` at the kept rows
-        and 0 at the others, shaped to broadcast against ``out``."""
-
-
-@dataclass(frozen=True)
-class Sum:
-    """A residual's combination: ``base + scale * out`` at the kept rows.
-
-    The sum is in ``base``'s memory format, or with ``branch_layout`` in the branch output's when
-    it is channels_last (as ``branch + base`` gives, e.g. after a permute), so that a rewritten
-    block returns what its original returned and the next block runs the same kernels.
-    """
-
-    branch_layout: bool = False
-
-    @eager
-    def whole(self, base: Tensor, out: Tensor, scale: float) -> Tensor:
-        return add(base, out, scale=scale, branch_layout=self.branch_layout)
-
-    @eager
-    def subset(self, base: Tensor, out: Tensor, rows: Subset, scale: float) -> Tensor:
-        layout = self.branch_layout
-        return scatter_add(base, out, rows.idx, rows.dim, scale=scale, branch_layout=layout)
-
-    @eager
-    def masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
-        base, out = promoted(base, out)
-        if self.branch_layout and is_channels_last(out):
-            base = base.contiguous(memory_format=torch.channels_last)
-        return torch.addcmul(base, out, mask.to(out.dtype))
-
-
-SUM = Sum()
-
-
 @host_side
 def skip_add(
     x: Tensor,
@@ -108,7 +47,7 @@ def skip_add(
     spec: DropSpec,
     *,
     shortcut: Branch | None = None,
-    generator: torch.Generator | None = None,
+    source: torch.Generator | Decide | None = None,
     combine: Combine = SUM,
 ) -> Tensor:
     """A training step that skips the dropped work: ``shortcut(x) + drop_path(branch(x))``.
@@ -116,9 +55,12 @@ def skip_add(
     Batch mode draws one decision and calls ``branch`` only when it keeps the step; row mode draws
     one decision per sample along ``spec.batch_dim`` and calls ``branch`` on the kept samples
     only (see ``droppath.drop_add_residual``). ``combine`` joins the kept output to the base
-    (default: the residual sum). ``x`` must have been checked (a floating tensor with the batch
-    dimension); a branch with an ``at_rows(run, dim)`` method gives the branch for those rows
-    (a derived branch, whose per-sample side inputs are gathered too).
+    (default: the residual sum; ``droppath._engine.combine``). ``x`` must have been checked (a
+    floating tensor with the batch dimension); a branch with an ``at_rows(run, dim)`` method gives
+    the branch for those rows (a derived branch, whose per-sample side inputs are gathered too).
+    ``source`` gives the decisions: draws from the global random state (None) or from a
+    ``torch.Generator``, or a function ``decide(n, device, branch)`` that makes them (the check
+    of an accelerated block forces them so), so that the check runs this very step.
 
     With ``spec.strategy`` ``"auto"`` and ``spec.auto``, the site's ``AutoChoice``, row mode
     takes the row subset or the mask from what each costs (``droppath._engine.cost``); with
@@ -126,41 +68,81 @@ def skip_add(
 
     Under torch.compile this frame runs eagerly, so the rate and the draws never enter a graph (no
     guard on ``p``, no recompilation when a schedule changes it), while ``branch`` and
-    ``shortcut`` compile, through ``run``, as graphs of their own, with the batch dimension
-    dynamic from the first call: the full batch and every subset size share one graph.
+    ``shortcut`` compile as graphs of their own, with the batch dimension dynamic from the first
+    call: the full batch and every subset size share one graph. The branch is called from this
+    frame (``_callee`` only says what to call), so no frame of the engine's sits between the step
+    and the branch's own code.
     """
     dim = spec.batch_dim % x.dim()
     clock, auto = None, spec.auto
-    if auto is not None and spec.strategy == "auto" and spec.mode == "row":
-        clock = auto.begin(x, dim, spec.p)
-    if masks(spec.mode, spec.strategy, auto):
-        return _masked_step(x, branch, spec, shortcut, generator, combine)
-    kept = draw(spec, x.shape[dim], x.device, generator, branch=branch)
+    generator: torch.Generator | None = None
+    decide: Decide | None = None
+    if isinstance(source, torch.Generator):
+        generator = source
+    elif source is not None:
+        decide = source
+    if decide is None and combine.may_mask:
+        if auto is not None and spec.strategy == "auto" and spec.mode == "row":
+            clock = auto.begin(x, dim, spec.p)
+        if masks(spec.mode, spec.strategy, auto):
+            return _masked_step(x, branch, spec, shortcut, generator, combine)
+    n = x.shape[dim]
+    if decide is None:
+        kept = draw(spec, n, x.device, generator, branch=branch)
+    else:
+        kept = decide(n, x.device, branch)
     if kept is False:
-        return skip(run(shortcut, x, dim), branch)
+        return combine.dropped(run(shortcut, x, dim), branch)
     if kept is True:
         base = run(shortcut, x, dim)
-        return combine.whole(base, _timed(branch, x, dim, auto, clock), spec.scale)
+        fn, args, kwargs = _callee(branch, x, dim)
+        out = _finished(branch, fn(*args, **kwargs), auto, clock, n)
+        return combine.whole(base, out, spec.scale)
     idx, to_run = kept
     # one node hands x to the shortcut path and the rows to run to the branch
-    x_all, inputs = split(x, to_run, dim)
+    x_all, inputs = split(x, to_run, dim) if combine.takes_rows else (x, None)
     at_rows = getattr(branch, "at_rows", None)
     if at_rows is not None:
         branch = at_rows(to_run, dim)
-    base, out = run(shortcut, x_all, dim), _timed(branch, inputs, dim, auto, clock)
+    base = run(shortcut, x_all, dim)
+    fn, args, kwargs = _callee(branch, inputs, dim)
+    out = _finished(branch, fn(*args, **kwargs), auto, clock, to_run.shape[0])
     return combine.subset(base, out, Subset(idx, dim, inputs), spec.scale)
 
 
-@host_side
-def _timed(
-    branch: Branch, x: Tensor, dim: int, auto: AutoChoice | None, clock: Clock | None
+_NO_KWARGS: dict[str, Any] = {}
+
+
+@eager
+def _callee(
+    branch: Branch, x: Tensor | None, dim: int
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """What the step calls for ``branch(x)``: ``x`` marked dynamic along ``dim`` first. A
+    branch with ``direct(x)`` (a derived one) says itself what to call, its own code, which
+    compiles as a frame of its own; any other is called through ``_compiled_call``."""
+    if x is not None:
+        x = x.view_as(x)  # mark an alias, never the caller's tensor
+        torch._dynamo.maybe_mark_dynamic(x, dim)
+    direct = getattr(branch, "direct", None)
+    if direct is not None:
+        called: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] = direct(x)
+        return called
+    return _compiled_call, (branch, x), _NO_KWARGS
+
+
+@eager
+def _finished(
+    branch: Branch, out: Any, auto: AutoChoice | None, clock: Clock | None, rows: int
 ) -> Tensor:
-    """``run(branch, x, dim)``, timed by ``clock`` for ``auto`` when there is one."""
-    if clock is None or auto is None:
-        return run(branch, x, dim)
-    out = run(branch, x, dim)
-    auto.timed(clock, x.shape[dim])
-    return out
+    """The branch's output as the combination takes it (a derived branch's ``finish`` keeps
+    what it returns beside it), the call timed for ``strategy="auto"`` when it is measured."""
+    finish = getattr(branch, "finish", None)
+    if finish is not None:
+        out = finish(out)
+    if clock is not None and auto is not None:
+        auto.timed(clock, rows)
+    result: Tensor = out
+    return result
 
 
 @host_side
@@ -178,7 +160,9 @@ def _masked_step(
     mask = draw_mask(spec, x.shape[dim], x.device, generator, branch=branch)
     if mask is False:
         return skip(run(shortcut, x, dim), branch)
-    base, out = run(shortcut, x, dim), run(branch, x, dim)
+    base = run(shortcut, x, dim)
+    fn, args, kwargs = _callee(branch, x, dim)  # as the subset calls it: the same graphs
+    out = _finished(branch, fn(*args, **kwargs), None, None, x.shape[dim])
     if mask is True:
         return combine.whole(base, out, spec.scale)
     out_dim = dim if out.dim() == x.dim() else spec.batch_dim % out.dim()
@@ -216,3 +200,21 @@ def mask_add(
         generator=device_gen,
     )
     return torch.addcmul(base, out, mask)
+
+
+def ahead_add(
+    x: Tensor,
+    branch: Branch,
+    drawn: Drawn,
+    dim: int,
+    shortcut: Branch | None = None,
+    combine: Combine = SUM,
+) -> Tensor:
+    """``shortcut(x) + drop_path(branch(x))`` under the decisions ``drawn``: the branch runs on
+    ``drawn.run``'s rows, and its output, times each kept row's scale, is put back at them by
+    ``combine``'s drawn-ahead form.
+
+    Every tensor operation is traceable and a gather, forward and backward: under torch.compile
+    the step is part of the model's graph, the gathers fused with the branch's own operations."""
+    base = x if shortcut is None else shortcut(x)
+    return combine.ahead(base, branch(ahead_rows(x, drawn, dim)), drawn, dim)
