@@ -216,8 +216,11 @@ def _unreached(cls: type, attr: str, derived: Derived) -> str:
 def _check(model: Any, p: Any, rule: Any, batchnorm: Any, strategy: Any) -> Rates | None:
     """Check ``accelerate``'s arguments; the rates asked for, once checked (None: none)."""
     check_model(model, "accelerate")
-    rates = Rates.of(p, rule) if p is not None else None
-    check_choice(rule, "rule", DEPTH_RULES)
+    rates = None
+    if p is not None:
+        rates = Rates.of(p, rule)  # checks the rule too
+    else:
+        check_choice(rule, "rule", DEPTH_RULES)
     check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES)
     if strategy is not None:
         check_choice(strategy, "strategy", STRATEGIES)

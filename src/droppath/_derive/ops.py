@@ -213,11 +213,13 @@ def _summing(branch_first: bool) -> Callable[..., Any]:
     ) -> Any:
         drop = getattr(block, site)
         branch = _branch(fn, block, args, base, sides)
-        if isinstance(drop, ForcedDrop) or drop.training:
+        forced = isinstance(drop, ForcedDrop)  # the check: its decisions, the same step
+        if forced or drop.training:
             spec = drop.spec
-            decide = drop.decisions if isinstance(drop, ForcedDrop) else None
+            decide = drop.decisions if forced else None
             check_input(base, spec.batch_dim)
-            drop._ahead_rows = (base.shape[spec.batch_dim % base.dim()], base.device)  # draw_ahead
+            if not forced:  # what draw_ahead draws for
+                drop._ahead_rows = (base.shape[spec.batch_dim % base.dim()], base.device)
             # the training step: this frame runs on the host, so no graph reads the rate
             out = skip_add(base, branch, spec, combine=combine, source=decide)
             if out.data_ptr() == base.data_ptr():
@@ -256,10 +258,11 @@ def rows(
     branch = _branch(fn, block, args, None, sides)
     ref = branch.ref
     dim = int(getattr(drop, "batch_dim", 0)) % ref.dim()
-    if isinstance(drop, ForcedDrop) or (drop.training and drop.spec.p > 0.0):
-        decide = drop.decisions if isinstance(drop, ForcedDrop) else None
-        if decide is None:
-            drop._ahead_rows = (int(ref.shape[dim]), ref.device)  # what draw_ahead draws for
+    forced = isinstance(drop, ForcedDrop)  # the check: its decisions, the same step
+    if forced or (drop.training and drop.spec.p > 0.0):
+        decide = drop.decisions if forced else None
+        if not forced:  # what draw_ahead draws for
+            drop._ahead_rows = (int(ref.shape[dim]), ref.device)
         fill = _fill(block, site, ref, dim)
         out = skip_add(ref, branch, drop.spec, combine=fill, source=decide)
     else:

@@ -57,19 +57,14 @@ class Scope:
         names = set(params)
         for stmt in body:
             names |= effects(stmt)[0]
-        batch = {
+        batch = frozenset(
             name
-            for stmt in body
+            for stmt in (body if regroup else ())
             for node in ast.walk(stmt)
             if isinstance(node, ast.Assign) and (name := batch_name(node)) is not None
-        }
+        )
         return Scope(
-            frozenset(sites),
-            frozenset(names),
-            keep_shared,
-            frozenset(params),
-            tuple(body),
-            frozenset(batch) if regroup else frozenset(),
+            frozenset(sites), frozenset(names), keep_shared, frozenset(params), tuple(body), batch
         )
 
     def regroups(self, stmt: ast.stmt) -> bool:
